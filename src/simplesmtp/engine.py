@@ -1,0 +1,634 @@
+"""The SMTP server protocol as a sans-I/O state machine (RFC 5321).
+
+Bytes go in with ``receive``; events come out of ``next_event``.  Nothing
+here touches a socket, a clock, a file or a logger: the transport
+(``server.py``) owns those and tells the engine what happened.
+
+Ground rules
+------------
+* Every command line produces exactly one reply, in order (RFC 2920 §3.1:
+  pipelined replies keep the order of the commands).
+* The engine stops producing events while it waits for the transport:
+  after ``MessageComplete`` until ``delivered``/``delivery_failed``, and
+  after the ``STARTTLS`` 220 reply until ``tls_started``.  Input received in
+  the meantime stays buffered (and is discarded at the TLS upgrade: bytes
+  sent in plaintext after STARTTLS must never be acted on, RFC 3207 §6).
+* A session (HELO name, ESMTP, TLS) outlives transactions; a
+  ``Transaction`` lives from MAIL to the end of data, RSET, HELO/EHLO or
+  STARTTLS (§4.1.4).
+
+States
+------
+=============  ==============================================  ===========
+phase          what the next input bytes are                   leaves on
+=============  ==============================================  ===========
+COMMAND        command lines                                   DATA, BDAT
+DATA           message text, ended by <CRLF>.<CRLF>            end mark
+BDAT           exactly ``_bdat_left`` octets of a chunk        count done
+WAIT           (nothing is parsed) delivery or TLS pending     transport
+CLOSED         (nothing is parsed)                             never
+=============  ==============================================  ===========
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Final
+
+from . import replies as R
+from .address import Address, AddressError, parse_params, parse_path
+from .dataread import DataDecoder
+from .replies import Reply
+
+
+class Phase(enum.Enum):
+    COMMAND = "command"
+    DATA = "data"
+    BDAT = "bdat"
+    WAIT = "wait"
+    CLOSED = "closed"
+
+
+# --- Events -----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write this reply. ``verb`` names the command it answers ("" for none)."""
+
+    reply: Reply
+    verb: str
+    data: bytes  # the encoded reply
+
+
+@dataclass(frozen=True, slots=True)
+class MessageBegin:
+    """A message starts: open somewhere to put it (DATA 354 or first BDAT)."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete:
+    """All content is in; store it durably, then call ``delivered``."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAbort:
+    """Throw away what was written since ``MessageBegin``."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The 220 reply has been sent: upgrade, then call ``tls_started``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection after writing every reply sent so far."""
+
+    reason: str
+
+
+Event = Send | MessageBegin | MessageData | MessageComplete | MessageAbort | StartTLS | Close
+
+
+class NeedData(enum.Enum):
+    NEED_DATA = "need data"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+# --- Configuration and per-session state -------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    hostname: str = "localhost"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100  # §4.5.3.1.8: at least 100 must be accepted
+    max_line_length: int = 512  # §4.5.3.1.4, with the CRLF
+    tls_available: bool = False
+    # A policy hook for recipients: return None to accept or a Reply.
+    check_recipient: Callable[[Address, Transaction], Reply | None] | None = None
+
+
+@dataclass(slots=True)
+class Transaction:
+    """MAIL to end of data (or RSET/HELO/EHLO/STARTTLS)."""
+
+    mail_from: Address
+    smtputf8: bool = False
+    body: str = "7BIT"  # 7BIT or 8BITMIME (RFC 6152)
+    declared_size: int | None = None
+    recipients: list[Address] = field(default_factory=list)
+    via_bdat: bool = False  # content is arriving in BDAT chunks
+    size: int = 0  # octets of content received so far
+    too_big: bool = False  # content passed the limit; discarding the rest
+    bare_eol: bool = False  # bare CR/LF in DATA were normalised
+
+
+HELP_TEXT: Final = {
+    "": ("Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP"
+         " STARTTLS",
+         "Use HELP <command> for details"),
+    "HELO": ("HELO <domain>: identify yourself (plain SMTP)",),
+    "EHLO": ("EHLO <domain>: identify yourself and list the extensions",),
+    "MAIL": ("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]:"
+             " start a transaction",),
+    "RCPT": ("RCPT TO:<address>: add a recipient",),
+    "DATA": ("DATA: send the message, ended by a line with a single period",),
+    "BDAT": ("BDAT <size> [LAST]: send a chunk of the message (CHUNKING)",),
+    "RSET": ("RSET: abort the current transaction",),
+    "NOOP": ("NOOP: do nothing",),
+    "QUIT": ("QUIT: close the session",),
+    "VRFY": ("VRFY <address>: verify an address",),
+    "EXPN": ("EXPN <list>: expand a mailing list (not available)",),
+    "HELP": ("HELP [command]: this text",),
+    "STARTTLS": ("STARTTLS: start TLS on this connection (RFC 3207)",),
+}
+
+
+class SMTPEngine:
+    """One SMTP session, from greeting to close, without I/O."""
+
+    def __init__(self, config: EngineConfig, *, tls: bool = False) -> None:
+        self.config = config
+        self.tls = tls  # True once the connection is encrypted
+        self.helo: str | None = None  # reset by STARTTLS (RFC 3207 §4.2)
+        self.esmtp = False  # the client said EHLO, not HELO
+        self.transaction: Transaction | None = None
+        self.phase = Phase.COMMAND
+        self.messages = 0  # transactions delivered in this session
+        self._in = b""  # unparsed input
+        self._events: list[Event] = []
+        self._discarding_line = False  # skipping the rest of a too-long line
+        self._data: DataDecoder | None = None
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_discard = False  # chunk is read but thrown away
+        self._bdat_verb_reply: Reply | None = None  # refusal owed after the chunk
+        self._complete_verb = "DATA"  # the verb whose reply delivery gives
+        self._ehlo_reply = self._build_ehlo_lines()
+
+    # --- Public surface -------------------------------------------------
+
+    def greeting(self) -> Send:
+        return self._send(R.reply(220, None, f"{self.config.hostname} ESMTP simplesmtp"), "")
+
+    def receive(self, data: bytes) -> None:
+        """Buffer bytes from the peer; ``next_event`` parses them."""
+        if self.phase is not Phase.CLOSED and data:
+            self._in += data
+
+    @property
+    def pending_input(self) -> int:
+        return len(self._in)
+
+    def next_event(self) -> Event | NeedData:
+        while not self._events:
+            if not self._step():
+                return NEED_DATA
+        return self._events.pop(0)
+
+    def delivered(self, queue_id: str) -> Send:
+        """The message of ``MessageComplete`` is durable under ``queue_id``."""
+        self.messages += 1
+        self._end_transaction()
+        return self._send(R.reply(250, "2.0.0", f"Ok: queued as {queue_id}"), self._complete_verb)
+
+    def delivery_failed(self, reply: Reply) -> Send:
+        """Storage failed; ``reply`` is the 4xx to give (nothing delivered)."""
+        self._end_transaction()
+        return self._send(reply, self._complete_verb)
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: back to the initial state (RFC 3207 §4.2)."""
+        self.tls = True
+        self.helo = None
+        self.esmtp = False
+        self.transaction = None
+        self._in = b""
+        self._ehlo_reply = self._build_ehlo_lines()
+        self.phase = Phase.COMMAND
+
+    def close(self, reply: Reply | None, reason: str) -> list[Event]:
+        """End the session from outside (timeout, shutdown); returns events."""
+        events: list[Event] = []
+        if self._message_open():
+            events.append(MessageAbort(reason))
+        if reply is not None:
+            events.append(self._send(reply, ""))
+        events.append(Close(reason))
+        self.phase = Phase.CLOSED
+        self._in = b""
+        return events
+
+    def connection_lost(self) -> list[Event]:
+        """The peer went away; a message in flight must not be delivered."""
+        events: list[Event] = []
+        if self._message_open():
+            events.append(MessageAbort("connection lost"))
+        self.phase = Phase.CLOSED
+        self._in = b""
+        return events
+
+    # --- Internals ------------------------------------------------------
+
+    def _send(self, reply: Reply, verb: str) -> Send:
+        return Send(reply, verb, reply.encode(self.esmtp))
+
+    def _reply(self, reply: Reply, verb: str) -> None:
+        self._events.append(self._send(reply, verb))
+
+    def _end_transaction(self) -> None:
+        self.transaction = None
+        self.phase = Phase.COMMAND
+
+    def _message_open(self) -> bool:
+        """Content has begun (MessageBegin sent) and is not yet complete."""
+        txn = self.transaction
+        if txn is None or txn.too_big or self.phase is Phase.WAIT:
+            return False
+        return self.phase is Phase.DATA or txn.via_bdat
+
+    def _reset_transaction(self, reason: str) -> None:
+        """Drop the transaction (RSET, HELO/EHLO, QUIT, STARTTLS)."""
+        if self._message_open():
+            self._events.append(MessageAbort(reason))
+        self.transaction = None
+
+    def _step(self) -> bool:
+        """Make progress on buffered input; False when more input is needed."""
+        phase = self.phase
+        if phase is Phase.COMMAND:
+            return self._step_command()
+        if phase is Phase.DATA:
+            return self._step_data()
+        if phase is Phase.BDAT:
+            return self._step_bdat()
+        return False
+
+    def _step_command(self) -> bool:
+        buf = self._in
+        nl = buf.find(b"\n")
+        limit = self.config.max_line_length
+        if nl < 0:
+            if len(buf) > limit:
+                # §4.5.3.1.4: too long; skip to the end of the line, then 500.
+                self._discarding_line = True
+                self._in = b""
+            return False
+        line = buf[:nl]
+        self._in = buf[nl + 1:]
+        if self._discarding_line:
+            self._discarding_line = False
+            self._reply(R.LINE_TOO_LONG, "")
+            return True
+        if len(line) + 1 > limit:
+            self._reply(R.LINE_TOO_LONG, "")
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._command(line)
+        return True
+
+    def _command(self, line: bytes) -> None:
+        sp = line.find(b" ")
+        if sp < 0:
+            verb_b, arg_b = line, b""
+        else:
+            verb_b, arg_b = line[:sp], line[sp + 1:]
+        verb = verb_b.upper().decode("ascii", "replace")
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self._reply(R.EMPTY_COMMAND if not line.strip() else R.UNKNOWN_COMMAND, "")
+            return
+        try:
+            arg = arg_b.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(R.BAD_ENCODING, verb)
+            return
+        handler(self, arg.strip(" "), verb)
+
+    # --- Commands -------------------------------------------------------
+
+    def _build_ehlo_lines(self) -> tuple[str, ...]:
+        ext = [
+            f"SIZE {self.config.max_message_size}",
+            "PIPELINING",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+        ]
+        if self.config.tls_available and not self.tls:
+            ext.append("STARTTLS")
+        return tuple(ext)
+
+    def _cmd_helo(self, arg: str, verb: str) -> None:
+        esmtp = verb == "EHLO"
+        if not arg or not arg.isprintable():
+            return self._reply(R.HELO_SYNTAX, verb)
+        # RFC 5321 §4.1.1.1 asks for a domain or an address literal, but
+        # real clients send names with underscores or several words; like
+        # Postfix, accept any printable text (it only names the client in
+        # the Received header, next to the address we saw ourselves).
+        self.helo = arg
+        self.esmtp = esmtp
+        self._reset_transaction(verb)  # §4.1.4: HELO/EHLO resets like RSET
+        if esmtp:
+            lines = (f"{self.config.hostname} greets {arg}",) + self._ehlo_reply
+            self._reply(Reply(250, None, lines), verb)
+        else:
+            self._reply(R.reply(250, None, f"{self.config.hostname} greets {arg}"), verb)
+
+    def _cmd_mail(self, arg: str, verb: str) -> None:
+        if self.helo is None:
+            return self._reply(R.NEED_HELO, verb)
+        if self.transaction is not None:
+            return self._reply(R.MAIL_DURING_BDAT if self.transaction.via_bdat
+                               else R.NESTED_MAIL, verb)
+        if arg[:5].upper() != "FROM:":
+            return self._reply(R.MAIL_SYNTAX, verb)
+        text = arg[5:].lstrip(" ")
+        try:
+            path, rest = parse_path(text, utf8=True, allow_null=True)
+        except AddressError:
+            return self._reply(R.BAD_SENDER if text.startswith("<") else R.MAIL_SYNTAX, verb)
+        if rest and not rest.startswith(" "):
+            return self._reply(R.MAIL_SYNTAX, verb)
+        txn = Transaction(path)
+        if rest.strip(" "):
+            if not self.esmtp:
+                return self._reply(R.UNKNOWN_PARAM, verb)
+            err = self._mail_params(txn, rest)
+            if err is not None:
+                return self._reply(err, verb)
+        if not path.is_ascii and not txn.smtputf8:
+            return self._reply(R.UTF8_NOT_REQUESTED, verb)
+        self.transaction = txn
+        self._reply(R.SENDER_OK, verb)
+
+    def _mail_params(self, txn: Transaction, text: str) -> Reply | None:
+        try:
+            params = parse_params(text)
+        except KeyError:
+            return R.DUPLICATE_PARAM
+        except ValueError:
+            return R.BAD_PARAM
+        for key, value in params.items():
+            if key == "SIZE":  # RFC 1870
+                if value is None or not value.isdigit() or not value.isascii():
+                    return R.BAD_SIZE_PARAM
+                txn.declared_size = int(value)
+                if txn.declared_size > self.config.max_message_size:
+                    return R.reply(552, "5.3.4", "Message size exceeds fixed maximum"
+                                   f" message size ({self.config.max_message_size})")
+            elif key == "BODY":  # RFC 6152
+                body = (value or "").upper()
+                if body not in ("7BIT", "8BITMIME"):
+                    return R.BAD_BODY
+                txn.body = body
+            elif key == "SMTPUTF8":  # RFC 6531 §3.4
+                if value is not None:
+                    return R.BAD_PARAM
+                txn.smtputf8 = True
+            else:
+                return R.UNKNOWN_PARAM
+        return None
+
+    def _cmd_rcpt(self, arg: str, verb: str) -> None:
+        txn = self.transaction
+        if txn is None:
+            return self._reply(R.NEED_MAIL if self.helo else R.NEED_HELO, verb)
+        if txn.via_bdat:
+            return self._reply(R.MAIL_DURING_BDAT, verb)
+        if arg[:3].upper() != "TO:":
+            return self._reply(R.RCPT_SYNTAX, verb)
+        text = arg[3:].lstrip(" ")
+        if text.startswith("<>"):
+            return self._reply(R.NULL_RCPT, verb)
+        try:
+            path, rest = parse_path(text, utf8=True, allow_postmaster=True)
+        except AddressError:
+            return self._reply(R.BAD_RCPT if text.startswith("<") else R.RCPT_SYNTAX, verb)
+        if rest and not rest.startswith(" "):
+            return self._reply(R.RCPT_SYNTAX, verb)
+        if rest.strip(" "):
+            # No RCPT parameters are supported (DSN's NOTIFY/ORCPT are not).
+            try:
+                parse_params(rest)
+            except (KeyError, ValueError):
+                return self._reply(R.BAD_PARAM, verb)
+            return self._reply(R.UNKNOWN_PARAM, verb)
+        if not path.is_ascii and not txn.smtputf8:
+            return self._reply(R.UTF8_NOT_REQUESTED, verb)
+        if len(txn.recipients) >= self.config.max_recipients:
+            return self._reply(R.TOO_MANY_RCPTS, verb)
+        check = self.config.check_recipient
+        if check is not None:
+            refusal = check(path, txn)
+            if refusal is not None:
+                return self._reply(refusal, verb)
+        txn.recipients.append(path)
+        self._reply(R.RCPT_OK, verb)
+
+    def _cmd_data(self, arg: str, verb: str) -> None:
+        if arg:
+            return self._reply(R.NO_ARGS, verb)
+        txn = self.transaction
+        if txn is None:
+            return self._reply(R.NEED_MAIL if self.helo else R.NEED_HELO, verb)
+        if txn.via_bdat:
+            return self._reply(R.DATA_AFTER_BDAT, verb)
+        if not txn.recipients:
+            return self._reply(R.NO_VALID_RCPT, verb)
+        self._reply(R.START_DATA, verb)
+        self._events.append(MessageBegin(txn))
+        self._data = DataDecoder()
+        self.phase = Phase.DATA
+
+    def _cmd_bdat(self, arg: str, verb: str) -> None:
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or not words[0].isascii() \
+                or (len(words) == 2 and words[1].upper() != "LAST"):
+            # The chunk size is unknown, so the chunk cannot be skipped; its
+            # bytes will be read as commands and fail as such.
+            return self._reply(R.BDAT_SYNTAX, verb)
+        size = int(words[0])
+        last = len(words) == 2
+        txn = self.transaction
+        refusal: Reply | None = None
+        if txn is None:
+            refusal = R.NEED_MAIL if self.helo else R.NEED_HELO
+        elif not txn.recipients:
+            refusal = R.NO_VALID_RCPT
+        # RFC 3030 §2: the chunk is read even when the command fails.
+        self._bdat_left = size
+        self._bdat_last = last
+        self._bdat_verb_reply = refusal
+        self.phase = Phase.BDAT
+        if refusal is not None or txn is None:
+            self._bdat_discard = True
+            return
+        self._bdat_discard = txn.too_big
+        if not txn.via_bdat:
+            txn.via_bdat = True
+            self._events.append(MessageBegin(txn))
+
+    def _cmd_rset(self, arg: str, verb: str) -> None:
+        if arg:
+            return self._reply(R.NO_ARGS, verb)
+        self._reset_transaction(verb)
+        self._reply(R.OK, verb)
+
+    def _cmd_noop(self, arg: str, verb: str) -> None:
+        self._reply(R.OK, verb)  # §4.1.1.9: a parameter may be given
+
+    def _cmd_quit(self, arg: str, verb: str) -> None:
+        if arg:
+            return self._reply(R.NO_ARGS, verb)
+        self._reset_transaction(verb)
+        self._reply(R.reply(221, "2.0.0", f"{self.config.hostname} closing connection"), verb)
+        self._events.append(Close("QUIT"))
+        self.phase = Phase.CLOSED
+        self._in = b""
+
+    def _cmd_vrfy(self, arg: str, verb: str) -> None:
+        if not arg:
+            return self._reply(R.VRFY_SYNTAX, verb)
+        self._reply(R.VRFY_CANNOT, verb)  # §3.5.3: 252 without disclosure
+
+    def _cmd_expn(self, arg: str, verb: str) -> None:
+        if not arg:
+            return self._reply(R.EXPN_SYNTAX, verb)
+        self._reply(R.NOT_IMPLEMENTED, verb)
+
+    def _cmd_help(self, arg: str, verb: str) -> None:
+        topic = arg.upper()
+        text = HELP_TEXT.get(topic)
+        if text is None:
+            return self._reply(R.reply(504, "5.5.1", f"HELP topic unknown: {arg[:32]}"), verb)
+        self._reply(Reply(214, "2.0.0", text), verb)
+
+    def _cmd_starttls(self, arg: str, verb: str) -> None:
+        if arg:
+            return self._reply(R.NO_ARGS, verb)
+        if self.tls:
+            return self._reply(R.TLS_ALREADY, verb)
+        if not self.config.tls_available:
+            return self._reply(R.TLS_UNAVAILABLE, verb)
+        self._reset_transaction(verb)
+        self._reply(R.START_TLS, verb)
+        self._events.append(StartTLS())
+        # RFC 3207 §6: whatever the client sent after STARTTLS in plaintext
+        # is thrown away, never executed.
+        self._in = b""
+        self.phase = Phase.WAIT
+
+    def _cmd_auth(self, arg: str, verb: str) -> None:
+        self._reply(R.NOT_IMPLEMENTED, verb)
+
+    # --- Message content ------------------------------------------------
+
+    def _step_data(self) -> bool:
+        decoder = self._data
+        assert decoder is not None and self.transaction is not None
+        if not self._in:
+            return False
+        data, self._in = self._in, b""
+        txn = self.transaction
+        limit = self.config.max_message_size
+        for chunk in decoder.feed(data):
+            if txn.too_big:
+                continue
+            txn.size += len(chunk)
+            if txn.size > limit:
+                txn.too_big = True
+                self._events.append(MessageAbort("message too big"))
+            else:
+                self._events.append(MessageData(chunk))
+        if not decoder.done:
+            return True
+        self._in = decoder.rest
+        self._data = None
+        txn.bare_eol = decoder.bare_eol
+        self._finish_message(txn, "DATA")
+        return True
+
+    def _step_bdat(self) -> bool:
+        if self._bdat_left and not self._in:
+            return False
+        take = min(self._bdat_left, len(self._in))
+        chunk = self._in[:take]
+        self._in = self._in[take:]
+        self._bdat_left -= take
+        txn = self.transaction
+        if chunk and not self._bdat_discard and txn is not None:
+            txn.size += len(chunk)
+            if txn.size > self.config.max_message_size:
+                txn.too_big = True
+                self._bdat_discard = True
+                self._events.append(MessageAbort("message too big"))
+            else:
+                self._events.append(MessageData(chunk))
+        if self._bdat_left:
+            return True
+        # The whole chunk has been read: now the BDAT command gets its reply.
+        self.phase = Phase.COMMAND
+        if self._bdat_verb_reply is not None:
+            self._reply(self._bdat_verb_reply, "BDAT")
+            return True
+        assert txn is not None
+        if txn.too_big:
+            # RFC 3030 §2: after a failed chunk the transaction is void.
+            self.transaction = None
+            self._reply(_size_exceeded(self.config.max_message_size), "BDAT")
+            return True
+        if self._bdat_last:
+            self._finish_message(txn, "BDAT")
+        else:
+            self._reply(R.reply(250, "2.0.0", f"{txn.size} octets received"), "BDAT")
+        return True
+
+    def _finish_message(self, txn: Transaction, verb: str) -> None:
+        self._complete_verb = verb
+        if txn.too_big:
+            self.transaction = None
+            self.phase = Phase.COMMAND
+            self._reply(_size_exceeded(self.config.max_message_size), verb)
+            return
+        self.phase = Phase.WAIT
+        self._events.append(MessageComplete(txn))
+
+
+def _size_exceeded(limit: int) -> Reply:
+    return R.reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit})")
+
+
+_HANDLERS: Final[dict[str, Callable[[SMTPEngine, str, str], None]]] = {
+    "HELO": SMTPEngine._cmd_helo,
+    "EHLO": SMTPEngine._cmd_helo,
+    "MAIL": SMTPEngine._cmd_mail,
+    "RCPT": SMTPEngine._cmd_rcpt,
+    "DATA": SMTPEngine._cmd_data,
+    "BDAT": SMTPEngine._cmd_bdat,
+    "RSET": SMTPEngine._cmd_rset,
+    "NOOP": SMTPEngine._cmd_noop,
+    "QUIT": SMTPEngine._cmd_quit,
+    "VRFY": SMTPEngine._cmd_vrfy,
+    "EXPN": SMTPEngine._cmd_expn,
+    "HELP": SMTPEngine._cmd_help,
+    "STARTTLS": SMTPEngine._cmd_starttls,
+    "AUTH": SMTPEngine._cmd_auth,
+}

@@ -1,0 +1,257 @@
+"""Maildir delivery: ``<mail-dir>/<domain>/<local-part>/{tmp,new,cur}``.
+
+Delivery follows the Maildir protocol with fsync at each step that a crash
+could otherwise undo:
+
+1. the message is written to ``tmp/`` of the first recipient's mailbox and
+   fsync'ed;
+2. it is hard-linked into ``new/`` of every recipient's mailbox (one copy on
+   disk, one name per mailbox), and each ``new/`` directory is fsync'ed;
+3. the ``tmp/`` name is removed.
+
+Only after step 2 is the message acknowledged.  If any step fails, the
+links already made are removed again, so a failed delivery leaves nothing
+in any ``new/`` (the client retries the whole message).
+
+Mailbox names are the address's parts, lower-cased, with every character
+that is not a letter, digit or one of ``-_.+=`` percent-encoded (``%`` too),
+a leading period encoded, and over-long names shortened with a hash: no
+address can name a path outside the mail dir, a hidden file, or another
+address's mailbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+from ..address import Address
+from . import Envelope
+
+SPILL_THRESHOLD = 256 * 1024  # bytes buffered in memory before writing out
+_MAX_NAME = 200  # bytes of an encoded name; file systems allow 255
+_SAFE = frozenset("-_.+=")
+
+
+def encode_name(name: str) -> str:
+    out = []
+    for ch in name:
+        if (ch.isalnum() and ch.isprintable()) or ch in _SAFE:
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    text = "".join(out)
+    if not text:
+        return "%00"
+    if text.startswith("."):
+        text = "%2E" + text[1:]
+    raw = text.encode("utf-8")
+    if len(raw) > _MAX_NAME:
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        text = raw[: _MAX_NAME - 17].decode("utf-8", "ignore") + "~" + digest
+    return text
+
+
+def unquote_local(local: str) -> str:
+    """``"john.doe"`` and ``john.doe`` are the same mailbox (RFC 5321 §4.1.2)."""
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        inner = local[1:-1]
+        out = []
+        i = 0
+        while i < len(inner):
+            if inner[i] == "\\" and i + 1 < len(inner):
+                i += 1
+            out.append(inner[i])
+            i += 1
+        return "".join(out)
+    return local
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MaildirStorage:
+    name = "maildir"
+    commit_inline = False
+
+    def __init__(self, root: str, *, hostname: str) -> None:
+        self.root = os.path.abspath(root)
+        self.default_domain = hostname.lower()
+        # Maildir file names must not contain "/" or ":" (the info separator).
+        self._host = hostname.replace("/", "\\057").replace(":", "\\072")
+        self._pid = os.getpid()
+        self._ready: set[str] = set()  # mailboxes known to exist durably
+        self._lock = threading.Lock()
+        os.makedirs(self.root, exist_ok=True)
+
+    def mailbox(self, address: Address) -> str:
+        domain = (address.domain or self.default_domain).lower()
+        local = unquote_local(address.local_part).lower()
+        return os.path.join(self.root, encode_name(domain), encode_name(local))
+
+    def ensure_mailbox(self, path: str) -> None:
+        """Create ``path`` with tmp/new/cur, durably (directory entries too)."""
+        if path in self._ready:
+            return
+        with self._lock:
+            if path in self._ready:
+                return
+            created = []
+            parent = os.path.dirname(path)
+            for d in (parent, path):
+                try:
+                    os.mkdir(d, 0o700)
+                    created.append(d)
+                except FileExistsError:
+                    pass
+            for sub in ("tmp", "new", "cur"):
+                try:
+                    os.mkdir(os.path.join(path, sub), 0o700)
+                    created.append(os.path.join(path, sub))
+                except FileExistsError:
+                    pass
+            # A new directory entry is durable once its parent is fsync'ed.
+            for d in {os.path.dirname(c) for c in created}:
+                _fsync_dir(d)
+            self._ready.add(path)
+
+    def open(self, envelope: Envelope) -> MaildirWriter:
+        return MaildirWriter(self, envelope)
+
+    def unique_name(self, queue_id: str) -> str:
+        now = time.time()
+        sec = int(now)
+        usec = int((now - sec) * 1_000_000)
+        return f"{sec}.M{usec}P{self._pid}Q{queue_id}.{self._host}"
+
+    def close(self) -> None:
+        pass
+
+    def clean_tmp(self, max_age: float = 36 * 3600) -> int:
+        """Remove files older than ``max_age`` from every ``tmp/``.
+
+        Left by a crash between writing and linking; the Maildir convention
+        is that readers and writers remove them after 36 hours.
+        """
+        removed = 0
+        cutoff = time.time() - max_age
+        try:
+            domains = os.scandir(self.root)
+        except OSError:
+            return 0
+        with domains:
+            for dom in domains:
+                if not dom.is_dir(follow_symlinks=False):
+                    continue
+                for box in os.scandir(dom.path):
+                    tmp = os.path.join(box.path, "tmp")
+                    if not os.path.isdir(tmp):
+                        continue
+                    for entry in os.scandir(tmp):
+                        try:
+                            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                                os.unlink(entry.path)
+                                removed += 1
+                        except OSError:
+                            pass
+        return removed
+
+
+class MaildirWriter:
+    """One message being received into Maildir."""
+
+    __slots__ = ("_storage", "_envelope", "_parts", "_buffered", "_fd", "_tmp",
+                 "_name", "_size", "_boxes")
+
+    def __init__(self, storage: MaildirStorage, envelope: Envelope) -> None:
+        self._storage = storage
+        self._envelope = envelope
+        self._parts: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._fd: int | None = None
+        self._tmp: str | None = None
+        self._name = storage.unique_name(envelope.queue_id)
+        boxes: list[str] = []
+        for rcpt in envelope.recipients:
+            box = storage.mailbox(rcpt)
+            if box not in boxes:
+                boxes.append(box)
+        self._boxes = boxes
+
+    @property
+    def needs_flush(self) -> bool:
+        return self._buffered >= SPILL_THRESHOLD
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._buffered += len(data)
+        self._size += len(data)
+
+    def flush(self) -> None:
+        """Write buffered content to the tmp file (worker thread)."""
+        if self._fd is None:
+            box = self._boxes[0]
+            self._storage.ensure_mailbox(box)
+            self._tmp = os.path.join(box, "tmp", self._name)
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        parts, self._parts, self._buffered = self._parts, [], 0
+        data = b"".join(parts)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def commit(self) -> None:
+        """Make the message durable in every mailbox (worker thread)."""
+        linked: list[str] = []
+        try:
+            self.flush()
+            assert self._fd is not None and self._tmp is not None
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            final = f"{self._name},S={self._size}"
+            for box in self._boxes:
+                self._storage.ensure_mailbox(box)
+                target = os.path.join(box, "new", final)
+                os.link(self._tmp, target)
+                linked.append(target)
+            for box in self._boxes:
+                _fsync_dir(os.path.join(box, "new"))
+        except BaseException:
+            for target in linked:
+                try:
+                    os.unlink(target)
+                except OSError:
+                    pass
+            self.abort()
+            raise
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass  # delivered all the same; clean_tmp removes it later
+        self._tmp = None
+
+    def abort(self) -> None:
+        self._parts = []
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+            self._tmp = None
+

@@ -1,0 +1,56 @@
+"""Trace headers (RFC 5321 §4.4) and queue ids."""
+
+from __future__ import annotations
+
+import email.utils
+import itertools
+import time
+
+from .address import Address
+
+_counter = itertools.count()
+
+
+def new_queue_id() -> str:
+    """A short id, unique within this host: microseconds and a counter.
+
+    It names the message in the 250 reply, the log, the Received header
+    and the Maildir file name, so one grep finds all four.
+    """
+    return f"{time.time_ns() // 1000:013X}{next(_counter) & 0xFFF:03X}"
+
+
+def _address_literal(ip: str) -> str:
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def protocol_name(*, esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
+    """The ``with`` keyword: RFC 3848 (ESMTP, ESMTPS, ESMTPA, ESMTPSA) and
+    RFC 6531 §3.7.3 (UTF8SMTP, UTF8SMTPS, ...)."""
+    if not esmtp:
+        return "SMTP"
+    name = "UTF8SMTP" if utf8 else "ESMTP"
+    if tls:
+        name += "S"
+    if auth:
+        name += "A"
+    return name
+
+
+def path_text(address: Address) -> str:
+    return f"<{address}>"
+
+
+def trace_headers(*, mail_from: Address, recipients: list[Address], helo: str | None,
+                  peer_ip: str, hostname: str, protocol: str, queue_id: str,
+                  tls_info: str | None = None, now: float | None = None) -> bytes:
+    """``Return-Path`` and ``Received`` for the top of a stored message."""
+    received = f"Received: from {helo or 'unknown'} ({_address_literal(peer_ip)})\r\n" \
+               f"\tby {hostname} (simplesmtp) with {protocol}"
+    if tls_info:
+        received += f"\r\n\t({tls_info})"
+    received += f"\r\n\tid {queue_id}"
+    if len(recipients) == 1:
+        received += f"\r\n\tfor {path_text(recipients[0])}"
+    received += f";\r\n\t{email.utils.formatdate(now, localtime=True)}\r\n"
+    return f"Return-Path: {path_text(mail_from)}\r\n{received}".encode("utf-8")
