@@ -208,7 +208,8 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str],
             try:
                 values[s.name] = s.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{s.flag} ({source}): {exc}") from None
+                where = f" ({source})" if source != "flag" else ""
+                raise ConfigError(f"{s.flag}{where}: {exc}") from None
         else:
             values[s.name] = raw
     config = Config(**values)
@@ -219,9 +220,9 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str],
 def _lookup(s: Setting, flags: Mapping[str, Any], environ: Mapping[str, str],
             file_values: Mapping[str, str], env_file: str | None) -> tuple[str | None, Any]:
     if s.name in flags and flags[s.name] is not None:
-        return "flag " + s.flag, flags[s.name]
+        return "flag", flags[s.name]
     if s.env in environ:
-        return "environment " + s.env, environ[s.env]
+        return s.env, environ[s.env]
     if s.env in file_values:
         return f"{env_file} {s.env}", file_values[s.env]
     if s.legacy and s.legacy in file_values:
