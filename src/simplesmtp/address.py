@@ -84,14 +84,19 @@ NULL_PATH = Address("", "")
 def _check_literal(literal: str) -> None:
     inner = literal[1:-1]
     if inner[:5].lower() == "ipv6:":
+        # ipaddress also takes a "%zone" suffix, which RFC 5321's IPv6-addr
+        # does not have.
+        if "%" in inner:
+            raise AddressError("bad IPv6 address literal")
         try:
             ipaddress.IPv6Address(inner[5:])
         except ValueError:
             raise AddressError("bad IPv6 address literal") from None
         return
     if ":" in inner:
-        tag = inner.split(":", 1)[0]
-        if not _LDH_TAG.fullmatch(tag):
+        # General-address-literal = Standardized-tag ":" 1*dcontent
+        tag, _, content = inner.partition(":")
+        if not _LDH_TAG.fullmatch(tag) or not content:
             raise AddressError("bad general address literal")
         return
     try:
@@ -122,7 +127,8 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False,
         raise AddressError("local part too long")
     if len(domain.encode()) > MAX_DOMAIN:
         raise AddressError("domain too long")
-    if m.end() - m.start("local") + 1 > MAX_PATH:
+    # "<" local "@" domain ">", in octets (a source route is not counted).
+    if len(local.encode()) + len(domain.encode()) + 3 > MAX_PATH:
         raise AddressError("path too long")
     return Address(local, domain), text[m.end():]
 

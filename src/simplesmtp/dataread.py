@@ -14,8 +14,8 @@ over whole chunks: Python code runs per chunk, not per line, which keeps
 large messages cheap.
 
 Each chunk handed on is cut right after a LF (or, for a line longer than the
-buffer, after a byte that is neither CR nor LF), so no CRLF and no
-``<CRLF>.`` is ever split between two chunks.  The decoder keeps the two
+buffer, after a byte that is neither CR nor LF, or between two CRs), so no
+CRLF and no ``<CRLF>.`` is ever split between two chunks.  The decoder keeps the two
 bytes before the cut as context for the next search.
 
 Transformations, in this order, per chunk:
@@ -76,7 +76,10 @@ class DataDecoder:
                 self._buf = buf
                 return []
             cut = limit
-            while cut > 2 and buf[cut - 1] in (10, 13):
+            # Do not cut after a CR that may be half of a CRLF; a CR followed
+            # by another CR is bare, so a long run of CRs is cut inside
+            # (else it would be kept whole, and rescanned, forever).
+            while cut > 2 and buf[cut - 1] in (10, 13) and buf[cut - 1:cut + 1] != b"\r\r":
                 cut -= 1
             if cut <= 2:
                 self._buf = buf
@@ -92,9 +95,9 @@ class DataDecoder:
         n_lf = out.count(b"\n")
         if n_lf != out.count(b"\r") or n_lf != out.count(b"\r\n"):
             self.bare_eol = True
-            # A chunk never ends in a lone CR (cuts follow a LF or a byte
-            # other than CR/LF), and a LF at its start follows the LF that
-            # ended the previous chunk, so it is bare: local work is right.
+            # A chunk ends in a CR only when another CR follows it (so it is
+            # bare), and a LF at its start follows the LF that ended the
+            # previous chunk, so it is bare too: local work is right.
             out = _ANY_EOL.sub(b"\r\n", out)
         return [out] if out else []
 

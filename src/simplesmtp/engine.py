@@ -25,6 +25,7 @@ phase          what the next input bytes are                   leaves on
 COMMAND        command lines                                   DATA, BDAT
 DATA           message text, ended by <CRLF>.<CRLF>            end mark
 BDAT           exactly ``_bdat_left`` octets of a chunk        count done
+AUTH           SASL responses, base64 lines (RFC 4954 §4)      outcome
 WAIT           (nothing is parsed) delivery or TLS pending     transport
 CLOSED         (nothing is parsed)                             never
 =============  ==============================================  ===========
@@ -32,11 +33,14 @@ CLOSED         (nothing is parsed)                             never
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 from dataclasses import dataclass, field
 from typing import Callable, Final
 
 from . import replies as R
+from . import sasl
 from .address import Address, AddressError, parse_params, parse_path
 from .dataread import DataDecoder
 from .replies import Reply
@@ -46,6 +50,7 @@ class Phase(enum.Enum):
     COMMAND = "command"
     DATA = "data"
     BDAT = "bdat"
+    AUTH = "auth"
     WAIT = "wait"
     CLOSED = "closed"
 
@@ -99,7 +104,32 @@ class Close:
     reason: str
 
 
-Event = Send | MessageBegin | MessageData | MessageComplete | MessageAbort | StartTLS | Close
+@dataclass(frozen=True, slots=True)
+class AuthCheck:
+    """A SASL mechanism needs the users file (a password check, slow: argon2,
+    or SCRAM keys): resolve ``request`` in a thread, then call
+    ``auth_result`` (or ``auth_abort`` to refuse, e.g. a locked-out client).
+    The request may hold a password: never log it."""
+
+    request: sasl.Request
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """An AUTH exchange ended; its reply (235, 501 or 535) follows.
+
+    ``credentials_failed`` marks wrong credentials (what a password guesser
+    produces), as opposed to a malformed exchange."""
+
+    ok: bool
+    mechanism: str
+    username: str | None
+    credentials_failed: bool = False
+
+
+Event = (Send | MessageBegin | MessageData | MessageComplete | MessageAbort | StartTLS
+         | Close | AuthCheck | AuthResult)
 
 
 class NeedData(enum.Enum):
@@ -118,8 +148,25 @@ class EngineConfig:
     max_recipients: int = 100  # §4.5.3.1.8: at least 100 must be accepted
     max_line_length: int = 512  # §4.5.3.1.4, with the CRLF
     tls_available: bool = False
+    # --require-tls: no mail transaction before STARTTLS (RFC 3207 §4,
+    # 530 5.7.0; like Postfix's smtpd_tls_security_level = encrypt).
+    require_tls: bool = False
     # A policy hook for recipients: return None to accept or a Reply.
     check_recipient: Callable[[Address, Transaction], Reply | None] | None = None
+    # AUTH (RFC 4954): mechanisms in the order advertised; empty: no AUTH.
+    auth_mechanisms: tuple[str, ...] = ()
+    # RFC 4954 §4 / RFC 8314: AUTH only over TLS unless this is set.
+    allow_insecure_auth: bool = False
+    # A submission listener (RFC 6409 §4.3): MAIL needs AUTH first.
+    submission: bool = False
+    # Reverse-path check (reverse-path, authenticated user) -> refusal or None.
+    check_sender: Callable[[Address, str | None], Reply | None] | None = None
+    # VRFY answer (argument, authenticated user) -> reply; None: always 252.
+    vrfy: Callable[[str, str | None], Reply] | None = None
+    # Hard error limit, like Postfix's smtpd_hard_error_limit (default 20):
+    # after this many 5xx replies to commands the session gets 421 4.7.0
+    # and is closed.  0 turns the limit off.
+    max_errors: int = 20
 
 
 @dataclass(slots=True)
@@ -135,12 +182,13 @@ class Transaction:
     size: int = 0  # octets of content received so far
     too_big: bool = False  # content passed the limit; discarding the rest
     bare_eol: bool = False  # bare CR/LF in DATA were normalised
+    auth_user: str | None = None  # account that had authenticated at MAIL
 
+
+# RFC 4954 §4: a server must take SASL response lines of 12288 octets.
+AUTH_LINE_MAX: Final = 12288
 
 HELP_TEXT: Final = {
-    "": ("Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP"
-         " STARTTLS",
-         "Use HELP <command> for details"),
     "HELO": ("HELO <domain>: identify yourself (plain SMTP)",),
     "EHLO": ("EHLO <domain>: identify yourself and list the extensions",),
     "MAIL": ("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]:"
@@ -155,6 +203,7 @@ HELP_TEXT: Final = {
     "EXPN": ("EXPN <list>: expand a mailing list (not available)",),
     "HELP": ("HELP [command]: this text",),
     "STARTTLS": ("STARTTLS: start TLS on this connection (RFC 3207)",),
+    "AUTH": ("AUTH <mechanism> [initial-response]: authenticate (RFC 4954)",),
 }
 
 
@@ -178,7 +227,18 @@ class SMTPEngine:
         self._bdat_discard = False  # chunk is read but thrown away
         self._bdat_verb_reply: Reply | None = None  # refusal owed after the chunk
         self._complete_verb = "DATA"  # the verb whose reply delivery gives
+        # AUTH: the account, once authenticated (reset by STARTTLS only);
+        # the mechanism of a running exchange; SCRAM's success, held until
+        # the client acknowledges the server's final data.
+        self.authenticated: str | None = None
+        self._sasl: sasl.Mechanism | None = None
+        self._sasl_success: sasl.Success | None = None
         self._ehlo_reply = self._build_ehlo_lines()
+        self.errors = 0  # 5xx replies to commands (the error budget)
+        self._pos = 0  # start of the unparsed input in ``_in`` (COMMAND only)
+        # The first bytes of a plain connection are checked for a foreign
+        # protocol (HTTP, a TLS ClientHello) before any line is parsed.
+        self._sniffing = not tls
 
     # --- Public surface -------------------------------------------------
 
@@ -192,7 +252,7 @@ class SMTPEngine:
 
     @property
     def pending_input(self) -> int:
-        return len(self._in)
+        return len(self._in) - self._pos
 
     def next_event(self) -> Event | NeedData:
         while not self._events:
@@ -211,9 +271,21 @@ class SMTPEngine:
         self._end_transaction()
         return self._send(reply, self._complete_verb)
 
+    def auth_result(self, result: object) -> None:
+        """The ``AuthCheck`` request resolved to ``result``; go on."""
+        if self.phase is Phase.WAIT and self._sasl is not None:
+            self._auth_step(self._sasl.resolve(result))
+
+    def auth_abort(self, reply: Reply) -> None:
+        """Refuse the running AUTH exchange with ``reply`` (454 lockout)."""
+        if self.phase is Phase.WAIT and self._sasl is not None:
+            self._auth_end()
+            self._reply(reply, "AUTH")
+
     def tls_started(self) -> None:
         """The TLS handshake is done: back to the initial state (RFC 3207 §4.2)."""
         self.tls = True
+        self.authenticated = None
         self.helo = None
         self.esmtp = False
         self.transaction = None
@@ -231,6 +303,7 @@ class SMTPEngine:
         events.append(Close(reason))
         self.phase = Phase.CLOSED
         self._in = b""
+        self._pos = 0
         return events
 
     def connection_lost(self) -> list[Event]:
@@ -240,6 +313,7 @@ class SMTPEngine:
             events.append(MessageAbort("connection lost"))
         self.phase = Phase.CLOSED
         self._in = b""
+        self._pos = 0
         return events
 
     # --- Internals ------------------------------------------------------
@@ -249,6 +323,19 @@ class SMTPEngine:
 
     def _reply(self, reply: Reply, verb: str) -> None:
         self._events.append(self._send(reply, verb))
+        if reply.code >= 500:
+            self.errors += 1
+            if self.errors == self.config.max_errors:
+                self._too_many_errors()
+
+    def _too_many_errors(self) -> None:
+        # The reply to the command that used up the budget is already
+        # queued (one reply per command); the 421 follows it.
+        self._reset_transaction("too many errors")
+        self._events.append(self._send(R.TOO_MANY_ERRORS, ""))
+        self._events.append(Close("too many errors"))
+        self.phase = Phase.CLOSED
+        self._in = b""
 
     def _end_transaction(self) -> None:
         self.transaction = None
@@ -276,30 +363,53 @@ class SMTPEngine:
             return self._step_data()
         if phase is Phase.BDAT:
             return self._step_bdat()
+        if phase is Phase.AUTH:
+            return self._step_auth()
         return False
 
     def _step_command(self) -> bool:
-        buf = self._in
-        nl = buf.find(b"\n")
+        # Lines are cut at an offset (``_pos``) rather than by slicing the
+        # rest of the buffer after each one: a pipelined burst of N short
+        # commands costs O(N), not O(N * burst).  Whenever the phase leaves
+        # COMMAND or more input is needed, the buffer is compacted, so the
+        # other phases always read ``_in`` from its start.
+        if self._sniffing:
+            foreign = sniff_foreign(self._in)
+            if foreign is NEED_DATA:
+                return False
+            self._sniffing = False
+            if foreign is not None:
+                # Not SMTP: no reply would be understood; close at once.
+                self._events.append(Close(f"foreign protocol {foreign}"))
+                self.phase = Phase.CLOSED
+                self._in = b""
+                return True
+        buf, pos = self._in, self._pos
+        nl = buf.find(b"\n", pos)
         limit = self.config.max_line_length
         if nl < 0:
+            if pos:
+                buf = self._in = buf[pos:]
+                self._pos = 0
             if len(buf) > limit:
                 # §4.5.3.1.4: too long; skip to the end of the line, then 500.
                 self._discarding_line = True
                 self._in = b""
             return False
-        line = buf[:nl]
-        self._in = buf[nl + 1:]
+        line = buf[pos:nl]
+        self._pos = nl + 1
         if self._discarding_line:
             self._discarding_line = False
             self._reply(R.LINE_TOO_LONG, "")
-            return True
-        if len(line) + 1 > limit:
+        elif len(line) + 1 > limit:
             self._reply(R.LINE_TOO_LONG, "")
-            return True
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        self._command(line)
+        else:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._command(line)
+        if self.phase is not Phase.COMMAND or self._pos == len(self._in):
+            self._in = self._in[self._pos:]
+            self._pos = 0
         return True
 
     def _command(self, line: bytes) -> None:
@@ -333,7 +443,13 @@ class SMTPEngine:
         ]
         if self.config.tls_available and not self.tls:
             ext.append("STARTTLS")
+        if self._auth_offered():
+            ext.append("AUTH " + " ".join(self.config.auth_mechanisms))
         return tuple(ext)
+
+    def _auth_offered(self) -> bool:
+        return bool(self.config.auth_mechanisms) and (
+            self.tls or self.config.allow_insecure_auth)
 
     def _cmd_helo(self, arg: str, verb: str) -> None:
         esmtp = verb == "EHLO"
@@ -355,6 +471,10 @@ class SMTPEngine:
     def _cmd_mail(self, arg: str, verb: str) -> None:
         if self.helo is None:
             return self._reply(R.NEED_HELO, verb)
+        if self.config.require_tls and not self.tls:
+            return self._reply(R.TLS_REQUIRED, verb)
+        if self.config.submission and self.authenticated is None:
+            return self._reply(R.AUTH_REQUIRED, verb)  # RFC 6409 §4.3
         if self.transaction is not None:
             return self._reply(R.MAIL_DURING_BDAT if self.transaction.via_bdat
                                else R.NESTED_MAIL, verb)
@@ -376,6 +496,11 @@ class SMTPEngine:
                 return self._reply(err, verb)
         if not path.is_ascii and not txn.smtputf8:
             return self._reply(R.UTF8_NOT_REQUESTED, verb)
+        if self.config.check_sender is not None:
+            refusal = self.config.check_sender(path, self.authenticated)
+            if refusal is not None:
+                return self._reply(refusal, verb)
+        txn.auth_user = self.authenticated
         self.transaction = txn
         self._reply(R.SENDER_OK, verb)
 
@@ -390,7 +515,7 @@ class SMTPEngine:
             if key == "SIZE":  # RFC 1870
                 if value is None or not value.isdigit() or not value.isascii():
                     return R.BAD_SIZE_PARAM
-                txn.declared_size = int(value)
+                txn.declared_size = _octets(value)
                 if txn.declared_size > self.config.max_message_size:
                     return R.reply(552, "5.3.4", "Message size exceeds fixed maximum"
                                    f" message size ({self.config.max_message_size})")
@@ -399,6 +524,11 @@ class SMTPEngine:
                 if body not in ("7BIT", "8BITMIME"):
                     return R.BAD_BODY
                 txn.body = body
+            elif key == "AUTH" and self.config.auth_mechanisms:
+                # RFC 4954 §5: the original submitter, as xtext.  Accepted
+                # and not trusted: we record who authenticated ourselves.
+                if value is None:
+                    return R.BAD_PARAM
             elif key == "SMTPUTF8":  # RFC 6531 §3.4
                 if value is not None:
                     return R.BAD_PARAM
@@ -465,7 +595,7 @@ class SMTPEngine:
             # The chunk size is unknown, so the chunk cannot be skipped; its
             # bytes will be read as commands and fail as such.
             return self._reply(R.BDAT_SYNTAX, verb)
-        size = int(words[0])
+        size = _octets(words[0])
         last = len(words) == 2
         txn = self.transaction
         refusal: Reply | None = None
@@ -507,6 +637,8 @@ class SMTPEngine:
     def _cmd_vrfy(self, arg: str, verb: str) -> None:
         if not arg:
             return self._reply(R.VRFY_SYNTAX, verb)
+        if self.config.vrfy is not None:
+            return self._reply(self.config.vrfy(arg, self.authenticated), verb)
         self._reply(R.VRFY_CANNOT, verb)  # §3.5.3: 252 without disclosure
 
     def _cmd_expn(self, arg: str, verb: str) -> None:
@@ -516,9 +648,12 @@ class SMTPEngine:
 
     def _cmd_help(self, arg: str, verb: str) -> None:
         topic = arg.upper()
-        text = HELP_TEXT.get(topic)
+        text = HELP_TEXT.get(topic) if topic else self._help_summary()
         if text is None:
-            return self._reply(R.reply(504, "5.5.1", f"HELP topic unknown: {arg[:32]}"), verb)
+            # Echo the topic only if harmless: a raw CR or escape sequence
+            # from the client must not reach its screen as our reply.
+            shown = arg[:32] if arg.isascii() and arg.isprintable() else "?"
+            return self._reply(R.reply(504, "5.5.1", f"HELP topic unknown: {shown}"), verb)
         self._reply(Reply(214, "2.0.0", text), verb)
 
     def _cmd_starttls(self, arg: str, verb: str) -> None:
@@ -536,8 +671,126 @@ class SMTPEngine:
         self._in = b""
         self.phase = Phase.WAIT
 
+    def _help_summary(self) -> tuple[str, ...]:
+        """What this session can use now: commands, then extensions."""
+        commands = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP",
+                    "QUIT", "VRFY", "HELP"]
+        if self.config.tls_available and not self.tls:
+            commands.append("STARTTLS")
+        if self._auth_offered() and self.authenticated is None:
+            commands.append("AUTH")
+        extensions = " ".join(line.split(" ", 1)[0] for line in self._ehlo_reply)
+        return (f"Commands: {' '.join(commands)}", f"Extensions: {extensions}",
+                "Use HELP <command> for details")
+
     def _cmd_auth(self, arg: str, verb: str) -> None:
-        self._reply(R.NOT_IMPLEMENTED, verb)
+        if not self.config.auth_mechanisms:
+            return self._reply(R.NOT_IMPLEMENTED, verb)
+        if self.helo is None or not self.esmtp:
+            return self._reply(R.AUTH_NEED_EHLO, verb)  # an ESMTP extension
+        if not self._auth_offered():
+            return self._reply(R.AUTH_NEEDS_TLS, verb)
+        if self.authenticated is not None:
+            return self._reply(R.AUTH_ALREADY, verb)  # RFC 4954 §4
+        if self.transaction is not None:
+            return self._reply(R.AUTH_IN_TRANSACTION, verb)  # RFC 4954 §4
+        words = arg.split(" ")
+        if not arg or len(words) > 2:
+            return self._reply(R.AUTH_SYNTAX, verb)
+        name = words[0].upper()
+        mechanism = sasl.new_mechanism(name) if name in self.config.auth_mechanisms else None
+        if mechanism is None:
+            return self._reply(R.AUTH_UNKNOWN_MECHANISM, verb)
+        initial: bytes | None = None
+        if len(words) == 2:
+            # RFC 4954 §4: "=" is an empty initial response.
+            initial = b"" if words[1] == "=" else _b64decode(words[1])
+            if initial is None:
+                return self._reply(R.AUTH_BAD_BASE64, verb)
+        self._sasl = mechanism
+        self._auth_step(mechanism.start(initial))
+
+    # --- AUTH exchange (RFC 4954 §4) ------------------------------------
+
+    def _step_auth(self) -> bool:
+        buf = self._in
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > AUTH_LINE_MAX:
+                # Too long: end the exchange; the command reader skips the
+                # rest of the line and answers 500 5.5.2.
+                self._auth_end()
+                self._discarding_line = True
+                self._in = b""
+            return False
+        line = buf[:nl]
+        self._in = buf[nl + 1:]
+        if nl + 1 > AUTH_LINE_MAX:
+            self._auth_end()
+            self._reply(R.LINE_TOO_LONG, "AUTH")
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line == b"*":
+            self._auth_end()
+            self._reply(R.AUTH_CANCELLED, "AUTH")
+            return True
+        data = _b64decode(line.decode("ascii", "replace"))
+        if data is None:
+            self._auth_end()
+            self._reply(R.AUTH_BAD_BASE64, "AUTH")
+            return True
+        success = self._sasl_success
+        if success is not None:
+            # The client acknowledges the server's final data with an
+            # empty response (RFC 4954 §4, "additional data").
+            if data:
+                self._auth_fail(sasl.Failure("non-empty final response", malformed=True,
+                                             username=success.username))
+            else:
+                self._auth_succeed(success)
+            return True
+        assert self._sasl is not None
+        self._auth_step(self._sasl.respond(data))
+        return True
+
+    def _auth_step(self, step: sasl.Step) -> None:
+        mechanism = self._sasl
+        assert mechanism is not None
+        if isinstance(step, sasl.Challenge):
+            self.phase = Phase.AUTH
+            self._reply(_challenge(step.data), "")
+        elif isinstance(step, (sasl.CheckPassword, sasl.LookupScram)):
+            self.phase = Phase.WAIT
+            self._events.append(AuthCheck(step, mechanism.name))
+        elif isinstance(step, sasl.Success):
+            if step.data:
+                self._sasl_success = step
+                self.phase = Phase.AUTH
+                self._reply(_challenge(step.data), "")
+            else:
+                self._auth_succeed(step)
+        else:
+            self._auth_fail(step)
+
+    def _auth_succeed(self, step: sasl.Success) -> None:
+        name = self._sasl.name if self._sasl is not None else ""
+        self._auth_end()
+        self.authenticated = step.username
+        self._events.append(AuthResult(True, name, step.username))
+        self._reply(R.AUTH_OK, "AUTH")
+
+    def _auth_fail(self, step: sasl.Failure) -> None:
+        name = self._sasl.name if self._sasl is not None else ""
+        self._auth_end()
+        self._events.append(AuthResult(False, name, step.username,
+                                       credentials_failed=not step.malformed))
+        self._reply(R.AUTH_MALFORMED if step.malformed else R.AUTH_FAILED, "AUTH")
+
+    def _auth_end(self) -> None:
+        self._sasl = None
+        self._sasl_success = None
+        self.phase = Phase.COMMAND
 
     # --- Message content ------------------------------------------------
 
@@ -612,8 +865,63 @@ class SMTPEngine:
         self._events.append(MessageComplete(txn))
 
 
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _challenge(data: bytes) -> Reply:
+    # RFC 4954 §4: "334" SP base64; no enhanced status code on a challenge.
+    return Reply(334, None, (base64.b64encode(data).decode("ascii"),))
+
+
+def _octets(digits: str) -> int:
+    """The value of a string of ASCII digits (SIZE=, BDAT), capped at 10**20.
+
+    int() refuses more than 4300 digits (a ValueError, our crash, from the
+    peer's input); no limit is anywhere near 20 digits.
+    """
+    digits = digits.lstrip("0")
+    if len(digits) > 20:
+        return 10**20
+    return int(digits or "0")
+
+
 def _size_exceeded(limit: int) -> Reply:
     return R.reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit})")
+
+
+# Signatures of other protocols, seen as the first bytes of a connection.
+# A TLS record starts with content type 22 (handshake) and major version 3
+# (RFC 8446 §5.1); an HTTP request starts with its method and a space
+# (RFC 9110 §9).  SMTP commands never start like this.
+_FOREIGN: Final = (
+    (b"\x16\x03", "TLS"),
+    (b"GET ", "HTTP"),
+    (b"POST ", "HTTP"),
+    (b"HEAD ", "HTTP"),
+    (b"PUT ", "HTTP"),
+    (b"OPTIONS ", "HTTP"),
+    (b"CONNECT ", "HTTP"),
+)
+
+
+def sniff_foreign(data: bytes) -> str | None | NeedData:
+    """Name the foreign protocol ``data`` starts with, None for none.
+
+    NEED_DATA while ``data`` is too short to tell (a prefix of a signature).
+    """
+    if not data:
+        return NEED_DATA
+    undecided = False
+    for signature, name in _FOREIGN:
+        if data.startswith(signature):
+            return name
+        if len(data) < len(signature) and signature.startswith(data):
+            undecided = True
+    return NEED_DATA if undecided else None
 
 
 _HANDLERS: Final[dict[str, Callable[[SMTPEngine, str, str], None]]] = {

@@ -81,11 +81,13 @@ DATA_AFTER_BDAT = reply(503, "5.5.1", "DATA not allowed after BDAT in one transa
 MAIL_DURING_BDAT = reply(503, "5.5.1", "Command not allowed during a BDAT transfer")
 TLS_ALREADY = reply(503, "5.5.1", "TLS already active")
 TLS_UNAVAILABLE = reply(502, "5.5.1", "STARTTLS not available")
+# RFC 3207 §4: the reply for commands refused until TLS is on.
+TLS_REQUIRED = reply(530, "5.7.0", "Must issue a STARTTLS command first")
 
 # 5.5.2 syntax
 LINE_TOO_LONG = reply(500, "5.5.2", "Line too long")
 EMPTY_COMMAND = reply(500, "5.5.2", "Empty command")
-BAD_ENCODING = reply(500, "5.5.2", "Command line is not valid UTF-8")
+BAD_ENCODING = reply(501, "5.5.2", "Arguments are not valid UTF-8")  # §4.2.2: 501 for arguments
 HELO_SYNTAX = reply(501, "5.5.2", "Syntax: HELO/EHLO domain")
 MAIL_SYNTAX = reply(501, "5.5.2", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_SYNTAX = reply(501, "5.5.2", "Syntax: RCPT TO:<address> [parameters]")
@@ -116,3 +118,25 @@ STORAGE_FULL = reply(452, "4.3.1", "Insufficient system storage, try again later
 INTERNAL_ERROR = reply(451, "4.3.0", "Internal error, try again later")
 TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down, closing connection")
+
+# Policy limits (issue 6, docs/security.md): X.7.0 "other security event".
+TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_CONNECTIONS = reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = reply(
+    421, "4.7.0", "Too many connections from your address, try again later"
+)
+
+# AUTH (RFC 4954 §4, §6) and submission (RFC 6409)
+AUTH_OK = reply(235, "2.7.0", "Authentication successful")
+AUTH_NEED_EHLO = reply(503, "5.5.1", "Send EHLO first")
+AUTH_ALREADY = reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+AUTH_SYNTAX = reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_UNKNOWN_MECHANISM = reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_BAD_BASE64 = reply(501, "5.5.2", "Invalid base64 data")
+AUTH_MALFORMED = reply(501, "5.5.2", "Malformed authentication response")
+AUTH_CANCELLED = reply(501, "5.0.0", "Authentication cancelled")
+AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NEEDS_TLS = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_LOCKED = reply(454, "4.7.0", "Temporary authentication failure, try again later")
+AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")

@@ -19,25 +19,43 @@ throughput with many sessions comes from.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import signal
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter_ns
 from typing import Any
 
 from . import replies as R
-from .config import Config
-from .engine import (NEED_DATA, Close, EngineConfig, MessageAbort, MessageBegin,
-                     MessageComplete, MessageData, Send, SMTPEngine, StartTLS,
+from .config import Config, ConfigError
+from .httpd import MetricsHTTPServer
+from .metrics import DATA_END, UNKNOWN, Metrics, SessionStats, format_report
+from .engine import (NEED_DATA, AuthCheck, AuthResult, Close, EngineConfig, MessageAbort,
+                     MessageBegin,
+                     MessageComplete, MessageData, Phase, Send, SMTPEngine, StartTLS,
                      Transaction)
+from .policy import RecipientPolicy
+from .ratelimit import AuthThrottle
 from .storage import Envelope, MessageWriter, Storage, create_storage, is_storage_full
+from .tls import ContextHolder, Pair, describe
 from .trace import new_queue_id, protocol_name, trace_headers
+from .users import UserStore, UserStoreError
 
 log = logging.getLogger("simplesmtp.session")
 server_log = logging.getLogger("simplesmtp.server")
 
 _session_ids = itertools.count(1)
+
+# Replies one session may produce before yielding to the event loop: a
+# pipelined burst (one read is up to 256 KiB, some 40 000 short commands)
+# must not keep every other session waiting for its whole parse.
+_PUMP_BATCH = 256
+
+# Offered in this order; clients pick the first they support.
+AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
 
 
 def _clean(text: object, limit: int = 200) -> str:
@@ -53,10 +71,16 @@ def _clean(text: object, limit: int = 200) -> str:
 class Session(asyncio.Protocol):
     """One SMTP connection."""
 
-    def __init__(self, server: Server, *, implicit_tls: bool = False) -> None:
+    def __init__(self, server: Server, *, implicit_tls: bool = False,
+                 submission: bool = False) -> None:
         self.server = server
         self.config = server.config
-        self.engine = SMTPEngine(server.engine_config, tls=implicit_tls)
+        self.submission = submission  # the RFC 6409 listener: MAIL needs AUTH
+        self.engine = SMTPEngine(
+            server.submission_engine_config if submission else server.engine_config,
+            tls=implicit_tls)
+        self._auth_delay: asyncio.TimerHandle | None = None  # failed-AUTH delay
+        self.implicit_tls = implicit_tls  # TLS from the first byte (RFC 8314)
         self.id = f"{next(_session_ids):06d}"
         self.transport: asyncio.Transport | None = None
         self.peer_ip = "?"
@@ -75,6 +99,26 @@ class Session(asyncio.Protocol):
         self._paused_writing = False
         self._read_paused = False
         self._out: list[bytes] = []  # replies not yet handed to the transport
+        # Timeouts (docs/security.md).  A command line must be complete
+        # ``timeout`` after our last reply, however it trickles in; message
+        # content must keep arriving (``data_timeout``) at an average of
+        # ``min_data_rate`` bytes per second from its start.
+        self._turn_started = self.started  # our last reply was written
+        self._content_started: float | None = None  # DATA/BDAT phase began
+        self._content_bytes = 0  # read since then
+        self.admitted = False  # counted against the connection limits
+        self._handshaking = False  # a TLS handshake owns the connection
+        self._tls_task: asyncio.Task[None] | None = None
+        self._tls_early: list[bytes] = []  # decrypted input before the upgrade returned
+        self._tls_desc: str | None = None  # protocol and cipher, once encrypted
+        self._lost = False  # connection_lost has run
+        # Latency measurement (metrics.py): when the current input arrived,
+        # and (kind, reply, start) of each reply in ``_out``.
+        self._t_recv = 0
+        self._timed: list[tuple[str, R.Reply, int]] = []
+        self._content_txn: Transaction | None = None  # content being received
+        self._t_content_end = 0  # when the end of content arrived
+        self.perf = SessionStats() if self.config.measure_performance else None
 
     # --- asyncio.Protocol -------------------------------------------------
 
@@ -85,7 +129,25 @@ class Session(asyncio.Protocol):
             self.peer_ip, port = str(peer[0]), peer[1]
             self.peer = f"[{self.peer_ip}]:{port}" if ":" in self.peer_ip else f"{self.peer_ip}:{port}"
         self.server.sessions.add(self)
+        metrics = self.server.metrics
+        metrics.sessions_open += 1
+        metrics.sessions_total += 1
         log.info("event=connect session=%s peer=%s", self.id, self.peer)
+        refusal = self.server.admit(self.peer_ip)
+        if refusal is not None:
+            log.warning("event=connection_refused session=%s peer=%s reason=%s",
+                        self.id, self.peer, _clean(refusal.text))
+            self.closing = True
+            if not self.implicit_tls:
+                # Before EHLO, but the enhanced code is plain text to any
+                # client and tells the human reading a bounce why (as Postfix).
+                transport.write(refusal.encode(True))
+            transport.close()
+            return
+        self.admitted = True
+        if self.implicit_tls:
+            # RFC 8314 §3.3: the listener has done the handshake already.
+            self._tls_up("implicit")
         if self.server.stopping:
             self._send_and_close(R.SHUTTING_DOWN, "shutting down")
             return
@@ -93,21 +155,44 @@ class Session(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
+        self._t_recv = perf_counter_ns()
+        self.server.metrics.bytes_received += len(data)
         self.last_active = time.monotonic()
+        if self._handshaking:
+            # Decrypted bytes the TLS layer delivers before start_tls has
+            # returned to us: the client's first command after the upgrade.
+            self._tls_early.append(data)
+            return
+        if self._content_started is not None:
+            self._content_bytes += len(data)
         self.engine.receive(data)
         if not self.blocked:
             self._pump()
+        self._track_phase()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._auth_delay is not None:
+            self._auth_delay.cancel()
         for event in self.engine.connection_lost():
             if isinstance(event, MessageAbort):
                 self._abort_message(event.reason)
         self.server.sessions.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.server.release(self.peer_ip)
+        self.server.metrics.sessions_open -= 1
+        if self.perf:
+            # Microseconds per kind: count, mean, p50, p99, max.
+            log.info("event=session_latency session=%s unit=us %s", self.id,
+                     format_report(self.perf.report()))
         duration = time.monotonic() - self.started
         log.info("event=disconnect session=%s peer=%s duration=%.3f messages=%d"
                  " commands=%d rejected=%d%s", self.id, self.peer, duration,
@@ -143,33 +228,61 @@ class Session(asyncio.Protocol):
 
     def _unblock(self) -> None:
         self.blocked = False
+        # Input buffered while we waited is timed from now: the wait belongs
+        # to the reply that caused it (DATA-END), not to the next commands.
+        self._t_recv = perf_counter_ns()
         self._update_reading()
         self._pump()
+        self._track_phase()
 
     def _pump(self) -> None:
         """Carry out engine events until it needs input or we must wait."""
         engine = self.engine
         out = self._out
+        budget = _PUMP_BATCH
         try:
             while not self.blocked:
                 event = engine.next_event()
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Send):
+                    budget -= 1
+                    if not budget:
+                        # A pipelined burst: let other sessions run, then go on.
+                        self._block()
+                        asyncio.get_running_loop().call_soon(self._unblock)
                     out.append(event.data)
+                    verb = event.verb
+                    if verb == "DATA" or verb == "BDAT" or not verb:
+                        verb = self._reply_kind(event)
+                    self._timed.append((verb, event.reply, self._t_recv))
                     self._account(event)
                 elif isinstance(event, MessageData):
                     self._write_message(event.data)
                 elif isinstance(event, MessageBegin):
+                    self._content_txn = event.transaction
                     self._begin_message(event.transaction)
                 elif isinstance(event, MessageComplete):
+                    self._content_txn = None
+                    self._t_content_end = self._t_recv
                     self._complete_message(event.transaction)
                 elif isinstance(event, MessageAbort):
+                    txn = self._content_txn
+                    if txn is not None and not txn.too_big:
+                        self._content_txn = None  # RSET and the like: no DATA-END
                     self._abort_message(event.reason)
                 elif isinstance(event, StartTLS):
                     self._flush_out()
                     self._start_tls()
+                elif isinstance(event, AuthCheck):
+                    self._auth_check(event)
+                elif isinstance(event, AuthResult):
+                    self._auth_result(event)
                 elif isinstance(event, Close):
+                    if event.reason != "QUIT":
+                        # A foreign protocol, or the error budget used up.
+                        log.warning("event=close session=%s peer=%s reason=%s",
+                                    self.id, self.peer, _clean(event.reason))
                     self._flush_out()
                     self._close()
                     return
@@ -185,9 +298,36 @@ class Session(asyncio.Protocol):
     def _flush_out(self) -> None:
         out = self._out
         if out:
+            timed = self._timed
+            if timed:
+                self._record(timed, perf_counter_ns())
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+            self._turn_started = time.monotonic()
+
+    def _reply_kind(self, event: Send) -> str:
+        """The latency kind of a DATA/BDAT reply or of one without a verb."""
+        verb = event.verb
+        if not verb:
+            return UNKNOWN
+        txn = self._content_txn
+        if txn is None or (verb == "DATA" and event.reply.code == 354):
+            return verb
+        if verb == "DATA" or txn.too_big:
+            # The end of content refused in the engine (too big).
+            self._content_txn = None
+            return DATA_END
+        return verb  # a BDAT chunk's reply
+
+    def _record(self, timed: list[tuple[str, R.Reply, int]], end: int) -> None:
+        metrics = self.server.metrics
+        perf = self.perf
+        for kind, reply, start in timed:
+            ns = metrics.record(kind, reply.code, start, end, reply.enhanced)
+            if perf is not None:
+                perf.observe(kind, ns)
+        timed.clear()
 
     def _account(self, event: Send) -> None:
         if not event.verb:
@@ -209,18 +349,22 @@ class Session(asyncio.Protocol):
         self.queue_id = qid
         self.write_error = None
         engine = self.engine
-        envelope = Envelope(qid, txn.mail_from, tuple(txn.recipients))
+        # Mail for postmaster goes to the configured account (policy.py).
+        deliver_to = self.server.policy.delivery_address
+        envelope = Envelope(qid, txn.mail_from, tuple(deliver_to(r) for r in txn.recipients))
         self.writer = self.server.storage.open(envelope)
         header = trace_headers(
             mail_from=txn.mail_from, recipients=txn.recipients, helo=engine.helo,
             peer_ip=self.peer_ip, hostname=self.config.hostname,
-            protocol=protocol_name(esmtp=engine.esmtp, tls=engine.tls, auth=False,
+            protocol=protocol_name(esmtp=engine.esmtp, tls=engine.tls,
+                                   auth=txn.auth_user is not None,
                                    utf8=txn.smtputf8),
             queue_id=qid, tls_info=self.tls_info())
         self.writer.write(header)
 
     def tls_info(self) -> str | None:
-        return None
+        """Protocol and cipher for the Received header, once encrypted."""
+        return self._tls_desc
 
     def _write_message(self, data: bytes) -> None:
         writer = self.writer
@@ -289,6 +433,7 @@ class Session(asyncio.Protocol):
 
     def _write_now(self, send: Send) -> None:
         """Queue a reply produced outside the engine loop (after storage)."""
+        self._timed.append((DATA_END, send.reply, self._t_content_end))
         self._account(send)
         self._out.append(send.data)
 
@@ -314,32 +459,195 @@ class Session(asyncio.Protocol):
         self.busy = fut
         fut.add_done_callback(done)
 
+    # --- AUTH (RFC 4954) ---------------------------------------------------
+
+    def _auth_check(self, event: AuthCheck) -> None:
+        """Resolve a SASL request in the auth threads (argon2 is slow), unless
+        this address is locked out.  The request may hold a password: it is
+        never logged."""
+        server = self.server
+        locked = server.auth_throttle.locked_for(self.peer_ip)
+        if locked > 0 or server.users is None:
+            log.warning("event=auth_locked session=%s peer=%s mechanism=%s retry_after=%.1f",
+                        self.id, self.peer, event.mechanism, locked)
+            self.engine.auth_abort(R.AUTH_LOCKED)
+            return
+        users = server.users
+        self._flush_out()
+        self._block()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(server.auth_executor, users.resolve, event.request)
+        self.busy = fut
+        fut.add_done_callback(self._auth_checked)
+
+    def _auth_checked(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            # Our trouble (unreadable users file...), not the client's: 454.
+            # Only the type is logged: the request held the password.
+            log.error("event=auth_error session=%s peer=%s error=%s", self.id, self.peer,
+                      type(exc).__name__ if exc is not None else "cancelled")
+            self.engine.auth_abort(R.AUTH_LOCKED)
+        else:
+            self.engine.auth_result(fut.result())
+        self._unblock()
+
+    def _auth_result(self, event: AuthResult) -> None:
+        throttle = self.server.auth_throttle
+        user = _clean(event.username, 64) if event.username else "-"
+        if event.ok:
+            throttle.success(self.peer_ip)
+            log.info("event=auth_ok session=%s peer=%s mechanism=%s user=%s",
+                     self.id, self.peer, event.mechanism, user)
+            return
+        if not event.credentials_failed:
+            log.info("event=auth_malformed session=%s peer=%s mechanism=%s",
+                     self.id, self.peer, event.mechanism)
+            return
+        delay = throttle.failure(self.peer_ip)
+        log.warning("event=auth_failed session=%s peer=%s mechanism=%s user=%s delay=%.2f"
+                    " locked=%s", self.id, self.peer, event.mechanism, user, delay,
+                    "yes" if throttle.locked_for(self.peer_ip) > 0 else "no")
+        if delay > 0:
+            # The 535 waits in the engine; reading stays paused meanwhile, so
+            # a client cannot try again any sooner on this connection.
+            self._flush_out()
+            self._block()
+            loop = asyncio.get_running_loop()
+            self._auth_delay = loop.call_later(delay, self._auth_delay_over)
+
+    def _auth_delay_over(self) -> None:
+        self._auth_delay = None
+        if not self._lost:
+            self._unblock()
+
     # --- TLS, timeouts, closing -------------------------------------------
 
     def _start_tls(self) -> None:
-        # Implemented by the TLS layer; without a certificate the engine
-        # never emits StartTLS.
-        self._send_and_close(R.INTERNAL_ERROR, "TLS not configured")
+        """STARTTLS: the 220 is written; upgrade this connection (RFC 3207)."""
+        holder = self.server.tls
+        if holder is None or self.transport is None:
+            # Cannot happen: the engine offers STARTTLS only with a certificate.
+            self._send_and_close(R.INTERNAL_ERROR, "TLS not configured")
+            return
+        # Stop reading now, inside this callback: the next bytes on the
+        # socket are the client's handshake, which the TLS layer must get.
+        self._handshaking = True
+        self._block()
+        loop = asyncio.get_running_loop()
+        # The context of the moment: after a SIGHUP reload, the new pair.
+        self._tls_task = loop.create_task(self._handshake(holder.context))
+
+    async def _handshake(self, ctx: ssl.SSLContext) -> None:
+        mode = "starttls"
+        raw = self.transport
+        assert raw is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                raw, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self._handshaking = False
+            self._tls_failed(mode, exc)
+            return
+        self._handshaking = False
+        if transport is None or self._lost:
+            self._tls_failed(mode, ConnectionResetError("connection closed"))
+            return
+        self.transport = transport
+        self._read_paused = False  # the new transport starts reading
+        self._tls_up(mode)
+        self.last_active = time.monotonic()
+        early = b"".join(self._tls_early)
+        self._tls_early.clear()
+        self.engine.tls_started()  # RFC 3207 §4.2: back to the start
+        self.engine.receive(early)
+        self._unblock()
+
+    def _tls_up(self, mode: str) -> None:
+        assert self.transport is not None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        self._tls_desc = describe(ssl_object)
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        log.info("event=tls session=%s mode=%s version=%s cipher=%s", self.id, mode,
+                 ssl_object.version() if ssl_object is not None else "?",
+                 cipher[0] if cipher else "?")
+
+    def _tls_failed(self, mode: str, exc: BaseException) -> None:
+        """A handshake failed: log it once and end the session quietly (no
+        plaintext reply can be sent into a half-made TLS connection)."""
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        log.info("event=tls_failed session=%s peer=%s mode=%s reason=%s error=%s",
+                 self.id, self.peer, mode, _clean(reason), _clean(exc))
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        # start_tls gave the socket to the TLS layer, so asyncio will not call
+        # our connection_lost: end the session here (it runs once).
+        self.connection_lost(None)
 
     def _arm_timer(self) -> None:
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.config.timeout, self._check_timeout)
 
+    def _track_phase(self) -> None:
+        """Start or stop the content clocks as the engine enters or leaves
+        DATA/BDAT; entering re-arms the timer (its deadline may be sooner)."""
+        phase = self.engine.phase
+        if phase is Phase.DATA or phase is Phase.BDAT:
+            if self._content_started is None and not self.closing:
+                self._content_started = time.monotonic()
+                self._content_bytes = 0
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._check_timeout()
+        elif self._content_started is not None and phase is not Phase.WAIT:
+            self._content_started = None
+
+    def _deadline(self) -> tuple[float, str]:
+        """When the client's time runs out, and in which phase."""
+        config = self.config
+        started = self._content_started
+        if started is None:
+            return self._turn_started + config.timeout, "command"
+        # --timeout bounds silence everywhere; --data-timeout may be shorter.
+        silence = min(config.timeout, config.data_timeout)
+        deadline = self.last_active + silence
+        if config.min_data_rate:
+            by_rate = started + silence + self._content_bytes / config.min_data_rate
+            deadline = min(deadline, by_rate)
+        return deadline, "data"
+
     def _check_timeout(self) -> None:
-        """Fires ``timeout`` after the last activity seen when it was armed."""
+        """Fires at the client's deadline (or earlier, then re-arms)."""
         if self.closing:
             return
-        idle = time.monotonic() - self.last_active
-        if self.blocked and self.busy is not None and not self.busy.done():
-            idle = 0.0  # we are the slow one (storage), not the client
-        if idle >= self.config.timeout:
-            log.info("event=timeout session=%s peer=%s idle=%.1f", self.id, self.peer, idle)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        if self._handshaking or (self.blocked and self.busy is not None
+                                 and not self.busy.done()):
+            # Not the client's turn: the TLS handshake has its own limit
+            # (--tls-handshake-timeout) and slow storage is our fault.  The
+            # client's clocks restart when we are done.
+            self.last_active = self._turn_started = now
+            self._timer = loop.call_later(self.config.timeout, self._check_timeout)
+            return
+        deadline, phase = self._deadline()
+        if now >= deadline:
+            log.info("event=timeout session=%s peer=%s phase=%s idle=%.1f", self.id,
+                     self.peer, phase, now - self.last_active)
             self._close_engine(R.TIMEOUT, "timeout")
             return
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.config.timeout - idle, self._check_timeout)
+        self._timer = loop.call_later(deadline - now, self._check_timeout)
 
     def _close_engine(self, reply: R.Reply | None, reason: str) -> None:
+        if self._handshaking:
+            # Mid-handshake there is no channel to reply on: just close.
+            self._close()
+            return
         self._flush_out()
         for event in self.engine.close(reply, reason):
             if isinstance(event, MessageAbort):
@@ -383,7 +691,49 @@ class Server:
             max_message_size=config.max_message_size,
             max_recipients=config.max_recipients,
             max_line_length=config.max_line_length,
+            tls_available=config.tls_cert is not None,
+            require_tls=config.require_tls,
+            max_errors=config.max_errors,
         )
+        # Accounts, AUTH and recipient policy (docs/accounts.md).
+        self.users: UserStore | None = None
+        if config.users_file is not None:
+            try:
+                self.users = UserStore(config.users_file)
+            except (UserStoreError, OSError) as exc:
+                raise ConfigError(f"--users-file: {exc}") from None
+        if config.submission_port is not None and self.users is None:
+            raise ConfigError("--submission-port: needs --users-file (MAIL there needs AUTH)")
+        try:
+            self.policy = RecipientPolicy(
+                local_domains=config.local_domain, users=self.users,
+                postmaster=config.postmaster, vrfy=config.vrfy,
+                sender_must_match=config.submission_own_sender)
+        except ValueError as exc:
+            raise ConfigError(f"--postmaster: {exc}") from None
+        self.auth_throttle = AuthThrottle(
+            max_failures=config.auth_max_failures, window=config.auth_failure_window,
+            lockout=config.auth_lockout, base_delay=config.auth_failure_delay,
+            max_delay=config.auth_failure_delay_max)
+        self.engine_config = dataclasses.replace(
+            self.engine_config,
+            check_recipient=self.policy.check_recipient if self.policy.checks_recipients
+            else None,
+            vrfy=self.policy.vrfy,
+            auth_mechanisms=AUTH_MECHANISMS if self.users is not None else (),
+            allow_insecure_auth=config.allow_insecure_auth)
+        self.submission_engine_config = dataclasses.replace(
+            self.engine_config, submission=True, check_sender=self.policy.check_sender)
+        # argon2id takes 64 MiB and tens of milliseconds per check: a few
+        # threads of their own bound that memory and keep storage threads free.
+        self.auth_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
+        self.submission_addresses: list[tuple[str, int]] = []
+        # The certificate and key; replaced on SIGHUP (reload_tls).
+        self.tls: ContextHolder | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = ContextHolder(Pair(config.tls_cert, config.tls_key,
+                                          config.tls_min_version))
+        self.tls_addresses: list[tuple[str, int]] = []  # implicit-TLS listener
         self.storage = storage or create_storage(
             config.storage, mail_dir=config.mail_dir, hostname=config.hostname)
         # fsync-bound work: enough threads for the journal to merge commits.
@@ -393,6 +743,13 @@ class Server:
         self.stopping = False
         self.messages_accepted = 0
         self._idle = asyncio.Event()
+        self.admitted = 0  # sessions within the connection limits
+        self.per_ip: dict[str, int] = {}  # of those, per client address
+        self.metrics = Metrics(slo_threshold=config.slo_threshold,
+                               slo_target=config.slo_target)
+        self.metrics_http: MetricsHTTPServer | None = None
+        self.metrics_addresses: list[tuple[str, int]] = []
+        self._slo_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> list[tuple[str, int]]:
         """Listen; return the bound (host, port) pairs."""
@@ -404,7 +761,91 @@ class Server:
         for host, port in addrs:
             server_log.info("event=listening host=%s port=%d hostname=%s storage=%s",
                             host, port, self.config.hostname, self.storage.name)
+        if self.tls is not None and self.config.tls_port is not None:
+            # The loop does the handshake before the Session sees a byte.  Its
+            # context hands each handshake to the current pair (SNI hook), so
+            # a reloaded certificate applies to this port too.
+            tsrv = await loop.create_server(
+                lambda: Session(self, implicit_tls=True), self.config.host,
+                self.config.tls_port, reuse_address=True, backlog=1024,
+                ssl=self.tls.listener_context,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout)
+            self.servers.append(tsrv)
+            self.tls_addresses = [s.getsockname()[:2] for s in tsrv.sockets]
+            for host, port in self.tls_addresses:
+                server_log.info("event=listening host=%s port=%d tls=implicit", host, port)
+        if self.config.submission_port is not None:
+            ssrv = await loop.create_server(
+                lambda: Session(self, submission=True), self.config.host,
+                self.config.submission_port, reuse_address=True, backlog=1024)
+            self.servers.append(ssrv)
+            self.submission_addresses = [s.getsockname()[:2] for s in ssrv.sockets]
+            for host, port in self.submission_addresses:
+                server_log.info("event=listening host=%s port=%d mode=submission", host, port)
+        if self.config.metrics_port is not None and self.metrics_http is None:
+            self.metrics_http = MetricsHTTPServer(self.render_metrics,
+                                                  lambda: not self.stopping)
+            self.metrics_addresses = await self.metrics_http.start(
+                self.config.metrics_host, self.config.metrics_port)
+        if self._slo_timer is None:
+            self._slo_tick()
         return addrs
+
+    # A closed SLO window is judged within this many seconds of its end even
+    # when no command arrives to close it.
+    SLO_TICK = 5.0
+
+    def _slo_tick(self) -> None:
+        self.metrics.tick()
+        loop = asyncio.get_running_loop()
+        self._slo_timer = loop.call_later(self.SLO_TICK, self._slo_tick)
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of this server's metrics."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if self._registry is None:
+            self._registry = self.metrics.registry()
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+
+    _registry: Any = None
+
+    async def reload_tls(self) -> bool:
+        """SIGHUP: load the certificate and key again (new sessions use the
+        new pair; running ones keep theirs); a bad pair is logged and the
+        old one kept."""
+        if self.tls is None:
+            server_log.info("event=tls_reload_skipped reason=no_certificate")
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.tls.reload)
+
+    async def reload_users(self) -> bool:
+        """SIGHUP: read the users file again (it is also re-read whenever it
+        changes, on use)."""
+        if self.users is None:
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.users.reload)
+
+    def admit(self, ip: str) -> R.Reply | None:
+        """Count a new session against the limits, or return the refusal."""
+        config = self.config
+        if self.admitted >= config.max_connections:
+            return R.TOO_MANY_CONNECTIONS
+        count = self.per_ip.get(ip, 0)
+        if config.max_connections_per_ip and count >= config.max_connections_per_ip:
+            return R.TOO_MANY_FROM_IP
+        self.admitted += 1
+        self.per_ip[ip] = count + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """An admitted session has ended."""
+        self.admitted -= 1
+        count = self.per_ip.pop(ip, 1) - 1
+        if count:
+            self.per_ip[ip] = count
 
     def session_closed(self, session: Session) -> None:
         if self.stopping and not self.sessions:
@@ -419,6 +860,8 @@ class Server:
                         self.config.shutdown_grace)
         for srv in self.servers:
             srv.close()
+        if self._slo_timer is not None:
+            self._slo_timer.cancel()
         for session in list(self.sessions):
             session.shutdown()
         if self.sessions:
@@ -427,14 +870,24 @@ class Server:
             except asyncio.TimeoutError:
                 pass
         for session in list(self.sessions):
-            if session.busy is None or session.busy.done():
+            # Spare only a session whose finished message is being
+            # committed (its 250 is due).  One whose spill write is still
+            # running has an unfinished message: close it now; the abort
+            # (tmp/ file removed) runs once that write returns.  Left open,
+            # it would resume reading after the write and be dropped at
+            # exit without a 421 and with its tmp/ file left behind.
+            if session.busy is None or session.busy.done() \
+                    or session.engine.phase is not Phase.WAIT:
                 session.force_close()
         # Commits already running finish (their messages are durable; the
         # client may not hear the 250 and will retry, never lose it).
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        self.auth_executor.shutdown(wait=False, cancel_futures=True)
         for srv in self.servers:
             await srv.wait_closed()
         self.storage.close()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()  # /healthz said "stopping" until now
         server_log.info("event=stopped messages=%d", self.messages_accepted)
 
 
@@ -446,11 +899,23 @@ async def serve(config: Config) -> None:
         removed = await asyncio.get_running_loop().run_in_executor(None, clean)
         if removed:
             server_log.info("event=tmp_cleaned files=%d", removed)
-    await server.start()
+    # Handlers first: the "listening" log line is the readiness signal, and
+    # a SIGTERM sent right after it must stop us cleanly (exit 0), not kill
+    # us with the default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    reloads: set[asyncio.Task[bool]] = set()  # keeps running reloads referenced
+
+    def on_sighup() -> None:
+        for coro in (server.reload_tls(), server.reload_users()):
+            task = loop.create_task(coro)
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     await server.stop()
 

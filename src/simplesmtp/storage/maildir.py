@@ -122,6 +122,12 @@ class MaildirStorage:
                 _fsync_dir(d)
             self._ready.add(path)
 
+    def forget(self, boxes: list[str]) -> None:
+        """A delivery to ``boxes`` failed: check them afresh next time, so a
+        mailbox removed or broken while we ran is re-created once it can be."""
+        with self._lock:
+            self._ready.difference_update(boxes)
+
     def open(self, envelope: Envelope) -> MaildirWriter:
         return MaildirWriter(self, envelope)
 
@@ -197,6 +203,13 @@ class MaildirWriter:
 
     def flush(self) -> None:
         """Write buffered content to the tmp file (worker thread)."""
+        try:
+            self._flush()
+        except OSError:
+            self._storage.forget(self._boxes)
+            raise
+
+    def _flush(self) -> None:
         if self._fd is None:
             box = self._boxes[0]
             self._storage.ensure_mailbox(box)
@@ -227,6 +240,7 @@ class MaildirWriter:
             for box in self._boxes:
                 _fsync_dir(os.path.join(box, "new"))
         except BaseException:
+            self._storage.forget(self._boxes)
             for target in linked:
                 try:
                     os.unlink(target)

@@ -1,0 +1,124 @@
+"""1000 concurrent sessions (issue 6): all complete, memory stays bounded.
+
+The server runs as a child process (``python -m simplesmtp serve``, Maildir
+in ``tmp_path``) so that its memory can be read from ``/proc``.  1000
+clients connect, all wait until every one of them has its greeting (so the
+sessions really are open at the same time), then each delivers one message
+and quits.  The server's peak resident memory (``VmHWM``) is recorded in
+``load-peak.txt`` under the pytest base temp directory and printed with
+``-s``; docs/security.md quotes the figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from pathlib import Path
+
+import pytest
+from conftest import all_delivered, split_trace
+
+SESSIONS = 1000
+WALL_LIMIT = 60.0  # the whole exchange, seconds
+# Bounds for the server's memory: a session costs a few KiB (engine, buffers,
+# transport); a leak or an unbounded buffer shows as far more.
+PEAK_LIMIT_MB = 150
+PER_SESSION_LIMIT_KB = 64
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{key} not in /proc/{pid}/status")
+
+
+def _raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"file descriptor limit {hard} is below {need}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+async def _session(port: int, n: int, all_open: asyncio.Event, opened: list[int],
+                   results: list[str]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async def reply() -> bytes:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise ConnectionError("closed")
+                if line[3:4] != b"-":
+                    return line
+
+        assert (await reply()).startswith(b"220 ")
+        opened[0] += 1
+        if opened[0] == SESSIONS:
+            all_open.set()
+        await all_open.wait()
+        for cmd, code in ((b"EHLO load.client", b"250"), (b"MAIL FROM:<load@client.example>", b"250"),
+                          (f"RCPT TO:<user{n % 50}@load.example>".encode(), b"250"),
+                          (b"DATA", b"354")):
+            writer.write(cmd + b"\r\n")
+            line = await reply()
+            assert line.startswith(code), (cmd, line)
+        writer.write(b"Subject: load %d\r\nX-Load-Id: %d\r\n\r\n" % (n, n)
+                     + b"some text for the body\r\n" * 40 + b".\r\n")
+        line = await reply()
+        assert line.startswith(b"250 "), line
+        writer.write(b"QUIT\r\n")
+        assert (await reply()).startswith(b"221 ")
+        results.append("ok")
+    except Exception as exc:  # recorded, so one failure names itself
+        results.append(f"session {n}: {exc!r}")
+    finally:
+        writer.close()
+
+
+async def _run_all(port: int, pid: int) -> tuple[list[str], int]:
+    all_open = asyncio.Event()
+    opened = [0]
+    results: list[str] = []
+    peak_open_rss = 0
+
+    async def sample() -> None:
+        nonlocal peak_open_rss
+        await all_open.wait()
+        peak_open_rss = _status_kb(pid, "VmRSS")
+
+    sampler = asyncio.create_task(sample())
+    sessions = [asyncio.create_task(_session(port, n, all_open, opened, results))
+                for n in range(SESSIONS)]
+    await asyncio.wait_for(asyncio.gather(*sessions, return_exceptions=True), WALL_LIMIT)
+    sampler.cancel()
+    return results, peak_open_rss
+
+
+def test_1000_concurrent_sessions(spawn_server, tmp_path, tmp_path_factory):
+    _raise_fd_limit(4 * SESSIONS)
+    proc = spawn_server("--max-connections", str(SESSIONS), "--max-connections-per-ip", "0")
+    port = proc.port
+    baseline = _status_kb(proc.proc.pid, "VmRSS")
+    start = time.monotonic()
+    results, open_rss = asyncio.run(_run_all(port, proc.proc.pid))
+    took = time.monotonic() - start
+    peak = _status_kb(proc.proc.pid, "VmHWM")
+    failures = [r for r in results if r != "ok"]
+    assert not failures, failures[:5]
+    assert len(results) == SESSIONS
+    stored = all_delivered(tmp_path / "mail")
+    assert len(stored) == SESSIONS
+    ids = {int(split_trace(p.read_bytes())[1].split(b"X-Load-Id: ")[1].split(b"\r\n")[0])
+           for p in stored}
+    assert ids == set(range(SESSIONS))
+    assert proc.proc.poll() is None  # still serving
+    report = (f"sessions={SESSIONS} seconds={took:.1f} baseline_rss_mb={baseline / 1024:.1f}"
+              f" rss_all_open_mb={open_rss / 1024:.1f} peak_rss_mb={peak / 1024:.1f}")
+    print("\n" + report)
+    (tmp_path_factory.getbasetemp() / "load-peak.txt").write_text(report + "\n")
+    assert peak < PEAK_LIMIT_MB * 1024, report
+    assert (peak - baseline) / SESSIONS < PER_SESSION_LIMIT_KB, report
