@@ -42,12 +42,16 @@ _MAX_PENDING = 64 * 1024
 class DataDecoder:
     """Feed raw DATA bytes; collect decoded message chunks until the end."""
 
-    __slots__ = ("_buf", "done", "rest", "bare_eol")
+    __slots__ = ("_buf", "_scanned", "done", "rest", "bare_eol")
 
     def __init__(self) -> None:
         # Two bytes of context before the first byte: the message starts at
         # the beginning of a line.
-        self._buf = b"\r\n"
+        self._buf = bytearray(b"\r\n")
+        # Bytes of _buf already searched for the end mark and for a LF
+        # without success: a line that arrives a byte at a time costs O(1)
+        # per byte, not a rescan of everything buffered.
+        self._scanned = 0
         self.done = False
         self.rest = b""  # input that followed the end mark
         self.bare_eol = False  # a bare CR or LF was seen (and normalised)
@@ -58,22 +62,26 @@ class DataDecoder:
         After the end mark, ``done`` is True and ``rest`` holds the bytes
         that followed it (pipelined commands).
         """
-        buf = self._buf + data if data else self._buf
-        end = buf.find(_END)
+        buf = self._buf
+        buf += data
+        # An end mark not found before may end in the new bytes: search from
+        # four bytes before them.
+        end = buf.find(_END, max(0, self._scanned - 4))
         if end >= 0:
             self.done = True
-            self.rest = buf[end + 5:]
-            self._buf = b""
+            self.rest = bytes(buf[end + 5:])
+            piece = bytes(buf[: end + 2])
+            self._buf = bytearray()
             # Content up to and including the CRLF that precedes the dot.
-            return self._decode(buf[: end + 2]) if end + 2 > 2 else []
+            return self._decode(piece) if end + 2 > 2 else []
         # No end yet.  An end mark not yet complete starts at len-4 or later;
         # the next search starts two bytes before the cut, so a cut at
         # len-2 or earlier cannot hide one.
         limit = len(buf) - 2
-        cut = buf.rfind(b"\n", 2, limit) + 1
+        cut = buf.rfind(b"\n", max(2, self._scanned - 2), limit) + 1
         if cut <= 0:
             if limit <= _MAX_PENDING:
-                self._buf = buf
+                self._scanned = len(buf)
                 return []
             cut = limit
             # Do not cut after a CR that may be half of a CRLF; a CR followed
@@ -82,10 +90,12 @@ class DataDecoder:
             while cut > 2 and buf[cut - 1] in (10, 13) and buf[cut - 1:cut + 1] != b"\r\r":
                 cut -= 1
             if cut <= 2:
-                self._buf = buf
+                self._scanned = len(buf)
                 return []
-        self._buf = buf[cut - 2:]
-        return self._decode(buf[:cut])
+        piece = bytes(buf[:cut])
+        del buf[: cut - 2]
+        self._scanned = 0
+        return self._decode(piece)
 
     def _decode(self, piece: bytes) -> list[bytes]:
         # ``piece`` starts with two bytes of context that are not output.
