@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .probe import COMMANDS, run_probe
-from .servers import ALL_SERVERS, REPO, RunningServer, ServerSpec
+from .servers import ALL_SERVERS, REPO, RunningServer
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 KB = 1024
@@ -171,7 +170,7 @@ def measurement_cost_ns(n: int = 200_000) -> float:
     clock = time.perf_counter_ns
     start = clock()
     t = 0
-    for i in range(n):
+    for _ in range(n):
         t = clock()
         m.record("RCPT", 250, t - 20_000, t)
     return (clock() - start) / n

@@ -13,7 +13,8 @@ SUDO=""
 # configuration, so no system mail service is started.
 need=()
 command -v swaks >/dev/null || need+=(swaks)
-command -v smtp-source >/dev/null || need+=(postfix)
+# smtp-source lives in /usr/sbin, which a non-root PATH may lack.
+command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 command -v gnutls-cli >/dev/null || need+=(gnutls-bin)
 command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then

@@ -4,7 +4,8 @@
 can send what real clients send and what broken or hostile ones send
 (pipelined commands, bare line endings, BDAT chunks, half a message).
 
-The corpus (``/work/shared/corpus`` or ``$SIMPLESMTP_CORPUS``) holds real
+The corpus (``../shared/corpus`` beside the repository, or
+``$SIMPLESMTP_CORPUS``) holds real
 messages as opaque bytes; ``to_crlf`` gives the form a client puts on the
 wire before dot-stuffing.
 """
@@ -18,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CORPUS_DIR = Path(os.environ.get("SIMPLESMTP_CORPUS", "/work/shared/corpus"))
+# The corpus sits next to the repository (``../shared/corpus``).
+CORPUS_DIR = Path(os.environ.get("SIMPLESMTP_CORPUS")
+                  or Path(__file__).resolve().parents[2] / "shared" / "corpus")
 # Files in the corpus that are not messages.
 _NOT_MESSAGES = {"README.md", "LICENSE.txt"}
 

@@ -69,8 +69,11 @@ def config_factory(tmp_path: Path) -> Callable[..., Config]:
 # --- in-process server ------------------------------------------------------
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop when installed (as in production), else asyncio's."""
+def new_event_loop(kind: str = "default") -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (as in production), else asyncio's;
+    ``kind="asyncio"`` forces asyncio's own loop."""
+    if kind == "asyncio":
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:
@@ -88,14 +91,15 @@ class RunningServer:
     thread; it is idempotent.
     """
 
-    def __init__(self, config: Config, storage: Any = None) -> None:
+    def __init__(self, config: Config, storage: Any = None,
+                 event_loop: str = "default") -> None:
         self.config = config
         self.host = config.host
         self.port = 0
         self.mail_dir = Path(config.mail_dir)
         self._storage = storage
         self.server: Server | None = None
-        self.loop = new_event_loop()
+        self.loop = new_event_loop(event_loop)
         self._thread = threading.Thread(target=self._run, name="smtp-server", daemon=True)
         self._stopped = False
 
@@ -161,15 +165,17 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """``server_factory(storage=None, **config_overrides) -> RunningServer``.
 
     Starts ``Server(make_config(tmp_path, **overrides))`` on port 0 in a
-    background thread (uvloop if installed); every server started is stopped
-    at teardown.  Pass ``config=`` to use a ready ``Config`` instead.
+    background thread (uvloop if installed; ``event_loop="asyncio"`` for
+    asyncio's own loop); every server started is stopped at teardown.  Pass
+    ``config=`` to use a ready ``Config`` instead, ``storage=`` for a storage
+    back end object of your own.
     """
     started: list[RunningServer] = []
 
     def start(storage: Any = None, config: Config | None = None,
-              **overrides: Any) -> RunningServer:
+              event_loop: str = "default", **overrides: Any) -> RunningServer:
         cfg = config if config is not None else make_config(tmp_path, **overrides)
-        srv = RunningServer(cfg, storage).start()
+        srv = RunningServer(cfg, storage, event_loop).start()
         started.append(srv)
         return srv
 

@@ -28,6 +28,8 @@ from argon2 import PasswordHasher
 from clients import RawSMTP, wait_until
 from conftest import TEST_HOSTNAME, all_delivered, delivered, split_trace
 from engine_helpers import EHLO, Driver, config, crlf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from simplesmtp import replies as R
 from simplesmtp.engine import AuthCheck, AuthResult, Event, NeedData
@@ -250,7 +252,8 @@ def test_auth_param_of_mail(store: UserStore) -> None:
     assert none.line("MAIL FROM:<a@b.test> AUTH=<>").reply.code == 555
 
 
-def test_long_sasl_response_lines(store: UserStore) -> None:
+@pytest.mark.parametrize("sizes", [None, [1000]], ids=["whole", "pieces"])
+def test_long_sasl_response_lines(store: UserStore, sizes: Any) -> None:
     d = AuthDriver(store, auth_config())
     d.feed(EHLO)
     d.line("AUTH PLAIN")
@@ -258,8 +261,8 @@ def test_long_sasl_response_lines(store: UserStore) -> None:
     r = d.line(b64(b"\0" + b"u" * 700 + b"\0" + b"p" * 300)).reply
     assert r.code == 535
     d.line("AUTH PLAIN")
-    got = d.feed(b"A" * 13000 + b"\r\n")
-    assert [s.reply.code for s in got] == [500]
+    got = d.feed(b"A" * 13000 + b"\r\n", sizes)
+    assert [(s.reply.code, s.reply.enhanced) for s in got] == [(500, "5.5.6")]
     assert d.line("NOOP").reply.code == 250
 
 
@@ -273,6 +276,41 @@ def test_auth_abort_gives_454(store: UserStore) -> None:
     r = d.sends[-1].reply
     assert (r.code, r.enhanced) == (454, "4.7.0")
     assert d.engine.authenticated is None
+
+
+def test_auth_gate_refuses_before_the_exchange(store: UserStore) -> None:
+    d = AuthDriver(store, auth_config())
+    d.engine.auth_gate = lambda: R.AUTH_LOCKED
+    d.feed(EHLO)
+    r = d.line("AUTH LOGIN").reply  # no Username: prompt first
+    assert (r.code, r.enhanced) == (454, "4.7.0")
+    assert d.line("NOOP").reply.code == 250
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mechanism=st.sampled_from(MECHS),
+       responses=st.lists(st.one_of(st.binary(max_size=80).map(base64.b64encode),
+                                    st.binary(max_size=80).filter(lambda b: b"\n" not in b)),
+                          max_size=4))
+def test_any_response_bytes_end_in_one_reply(store: UserStore, mechanism: str,
+                                             responses: list[bytes]) -> None:
+    """Fuzz invariant: whatever a client answers to the challenges, each line
+    gets one reply (334 to go on, or the end of the exchange), nobody is
+    authenticated by accident, and the session is back to commands."""
+    d = AuthDriver(store, auth_config())
+    d.feed(EHLO)
+    reply = d.line(f"AUTH {mechanism}").reply
+    for raw in responses:
+        if reply.code != 334:
+            break
+        reply = d.line(raw).reply
+        assert reply.code in (334, 235, 500, 501, 535), reply
+    if reply.code == 334:
+        reply = d.line("*").reply
+    assert reply.code in (235, 500, 501, 535)
+    assert d.engine.authenticated is None
+    assert d.line("NOOP").reply.code == 250
 
 
 def test_submission_mode(store: UserStore) -> None:
@@ -552,12 +590,15 @@ def test_lockout_and_growing_delay(server_factory: Any, users_file: Path) -> Non
         # 0.1 s, then 0.2 s, then capped at 0.2 s.
         assert took[0] >= 0.09 and took[1] >= 0.19 and took[2] >= 0.19, took
         t_locked = time.monotonic()
+        assert srv.call(lambda: srv.server.metrics.auth_failures) == 3
         r = raw.cmd(f"AUTH PLAIN {plain(ALICE, PASSWORDS[ALICE])}")
         assert (r.code, r.lines[0][:5]) == (454, "4.7.0")
-    # Locked per address, across connections, whatever the password.
+    # Locked per address, across connections, whatever the password; LOGIN
+    # is refused at once, before its prompts.
     with RawSMTP(srv.host, srv.port) as raw:
         raw.ehlo()
         assert raw.cmd(f"AUTH PLAIN {plain(ALICE, PASSWORDS[ALICE])}").code == 454
+        assert raw.cmd("AUTH LOGIN").code == 454
         remaining = 0.6 - (time.monotonic() - t_locked)
         time.sleep(max(0.0, remaining) + 0.05)  # bounded: under a second
         assert raw.cmd(f"AUTH PLAIN {plain(ALICE, PASSWORDS[ALICE])}").code == 235
@@ -655,3 +696,20 @@ def test_sighup_reloads_users(spawn_server: Any, users_file: Path, tmp_path: Pat
         assert raw.cmd("RCPT TO:<nobody@other.test>").code == 550
     assert wait_until(lambda: "event=auth_ok" in proc.stderr, timeout=5)
     assert "Dave-Pass-123" not in proc.stderr
+
+
+def test_commands_pipelined_after_auth_wait_for_the_check(server_factory: Any,
+                                                          users_file: Path) -> None:
+    # The password check runs in a thread; what the client sent behind the
+    # AUTH line is read only after it, so MAIL already counts as
+    # authenticated (the relay to a remote domain is allowed).
+    srv = start(server_factory, users_file, allow_insecure_auth=True)
+    with RawSMTP(srv.host, srv.port) as raw:
+        raw.send(crlf("EHLO client.test", f"AUTH PLAIN {plain(ALICE, PASSWORDS[ALICE])}",
+                      f"MAIL FROM:<{ALICE}>", "RCPT TO:<far@remote.test>", "DATA"))
+        assert [r.code for r in raw.replies(5)] == [250, 235, 250, 250, 354]
+        raw.send(b"Subject: piped\r\n\r\nx\r\n.\r\n")
+        assert raw.reply().code == 250
+    files = delivered(srv.mail_dir, "far@remote.test")
+    trace, _ = split_trace(files[0].read_bytes())
+    assert " with ESMTPA " in trace["received"]

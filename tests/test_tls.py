@@ -378,31 +378,38 @@ def test_failed_starttls_handshake_closes_and_is_logged(tls_server: Any,
     assert lines and "mode=starttls" in lines[0], caplog.text
 
 
-def test_stalled_handshake_times_out(server_factory: Any, certs: Certs,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_stalled_handshakes_do_not_stall_others_and_time_out(
+        server_factory: Any, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="simplesmtp")
+    limit = 1.5
     running = server_factory(tls_cert=str(certs.cert), tls_key=str(certs.key), tls_port=0,
-                             tls_handshake_timeout=0.3)
+                             tls_handshake_timeout=limit)
     started = time.monotonic()
-    with socket.create_connection((running.host, running.port), timeout=5) as raw:
-        _read_replies(raw, 1)
-        raw.sendall(b"STARTTLS\r\n")
-        _read_replies(raw, 1)
-        raw.settimeout(5)
-        try:
-            assert raw.recv(4096) == b""  # closed, not answered
-        except ConnectionResetError:
-            pass
-    assert time.monotonic() - started < 4
-    with socket.create_connection(("127.0.0.1", tls_port(running)), timeout=5) as raw:
-        raw.settimeout(5)
-        try:
-            assert raw.recv(4096) == b""
-        except ConnectionResetError:
-            pass
-    assert time.monotonic() - started < 8
+    # One client stalls after STARTTLS, one says nothing on the TLS port.
+    stalled_starttls = socket.create_connection((running.host, running.port), timeout=5)
+    _read_replies(stalled_starttls, 1)
+    stalled_starttls.sendall(b"STARTTLS\r\n")
+    _read_replies(stalled_starttls, 1)
+    stalled_implicit = socket.create_connection(("127.0.0.1", tls_port(running)), timeout=5)
+    with stalled_starttls, stalled_implicit:
+        # Meanwhile other clients are served at once, both ways.
+        with smtplib.SMTP(running.host, running.port, timeout=10) as s:
+            s.starttls(context=certs.client_context())
+            s.sendmail("a@example.org", ["alice@example.com"], MESSAGE)
+        with smtplib.SMTP_SSL("localhost", tls_port(running), context=certs.client_context(),
+                              timeout=10) as s:
+            s.sendmail("a@example.org", ["alice@example.com"], MESSAGE)
+        assert time.monotonic() - started < limit, "a stalled handshake held up others"
+        assert len(stored(running, 2)) == 2
+        for stalled in (stalled_starttls, stalled_implicit):
+            stalled.settimeout(limit + 5)
+            try:
+                assert stalled.recv(4096) == b""  # closed, not answered
+            except ConnectionResetError:
+                pass
+    assert time.monotonic() - started < limit + 5
     assert running.wait_idle()
-    assert "event=tls_failed" in caplog.text
+    assert "event=tls_failed session=" in caplog.text
 
 
 # --- real command-line peers ---------------------------------------------------------
@@ -657,6 +664,41 @@ def test_startup_errors_exit_2_with_one_line(run_cli: Any, tmp_path: Path,
     r = run_cli("serve", *mail, env={"SIMPLESMTP_TLS_CERT": str(certs.cert),
                                      "SIMPLESMTP_TLS_KEY": other_key})
     assert "does not belong" in _error_line(r)
+
+
+def test_engine_require_tls_and_discarded_pipelining() -> None:
+    """The sans-I/O side of --require-tls and of the injection case."""
+    from simplesmtp.engine import NEED_DATA, EngineConfig, Send, SMTPEngine, StartTLS
+
+    def drain(engine: SMTPEngine) -> list[Any]:
+        events = []
+        while (event := engine.next_event()) is not NEED_DATA:
+            events.append(event)
+        return events
+
+    def codes(events: list[Any]) -> list[int]:
+        return [e.reply.code for e in events if isinstance(e, Send)]
+
+    config = EngineConfig(tls_available=True, require_tls=True)
+    engine = SMTPEngine(config)
+    engine.receive(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n")
+    events = drain(engine)
+    assert codes(events) == [250, 530]
+    assert b"530 5.7.0 " in events[-1].data
+    engine.receive(b"STARTTLS\r\nMAIL FROM:<a@example.org>\r\n")
+    events = drain(engine)
+    assert codes(events) == [220] and isinstance(events[-1], StartTLS)
+    engine.receive(b"RSET\r\n")  # still plaintext: the handshake is not done
+    assert drain(engine) == []
+    engine.tls_started()
+    engine.receive(b"MAIL FROM:<a@example.org>\r\nEHLO c\r\nMAIL FROM:<a@example.org>\r\n")
+    events = drain(engine)
+    assert codes(events) == [503, 250, 250]  # HELO needed again (RFC 3207 §4.2)
+    assert b"STARTTLS" not in events[1].data
+    # Implicit TLS sessions are encrypted from the start.
+    implicit = SMTPEngine(config, tls=True)
+    implicit.receive(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n")
+    assert codes(drain(implicit)) == [250, 250]
 
 
 def test_describe_names_version_and_cipher() -> None:

@@ -275,10 +275,11 @@ SETTINGS: tuple[Setting, ...] = (
             "on the submission port the sender must be the authenticated account"
             " (553 5.7.1)", is_flag=True),
     Setting("vrfy", _choice("off", "authenticated", "on"), "off",
-            "VRFY answers: off (always 252), authenticated or on (250/550 5.1.1)"),
+            "VRFY answers: off (always 252), authenticated or on (250/550 5.1.1)",
+            metavar="MODE"),
     Setting("postmaster", _mailbox, None,
-            "account that receives mail for postmaster (RFC 5321 §4.5.1)"
-            " [default: postmaster@ the first --local-domain]", metavar="ADDRESS"),
+            "account that receives mail for postmaster (RFC 5321 §4.5.1); unset:"
+            " postmaster@ the first --local-domain", metavar="ADDRESS"),
     # fail2ban's defaults: 5 failures in 10 minutes; Dovecot delays each
     # failed login (auth_failure_delay = 2 s); here the delay doubles.
     Setting("auth_max_failures", _int(1, 100_000), 5,

@@ -10,10 +10,16 @@ Ground rules
   pipelined replies keep the order of the commands).
 * The engine stops producing events while it waits for the transport:
   after ``MessageComplete`` until ``delivered``/``delivery_failed``, and
-  after the ``STARTTLS`` 220 reply until ``tls_started``.  Input received in
+  after the ``STARTTLS`` 220 reply until ``tls_started``, and after
+  ``AuthCheck`` (a password check: slow, so the transport runs it in a
+  thread) until ``auth_result``/``auth_abort``.  Input received in
   the meantime stays buffered (and is discarded at the TLS upgrade: bytes
   sent in plaintext after STARTTLS must never be acted on, RFC 3207 §6).
-* A session (HELO name, ESMTP, TLS) outlives transactions; a
+* An AUTH exchange (RFC 4954) is one command with several turns: each 334
+  challenge answers the AUTH command or a response line, the lines
+  answering challenges are read in the AUTH phase, never as commands, and
+  the exchange ends with one 235 or error reply.
+* A session (HELO name, ESMTP, TLS, AUTH) outlives transactions; a
   ``Transaction`` lives from MAIL to the end of data, RSET, HELO/EHLO or
   STARTTLS (§4.1.4).
 
@@ -210,8 +216,12 @@ HELP_TEXT: Final = {
 class SMTPEngine:
     """One SMTP session, from greeting to close, without I/O."""
 
-    def __init__(self, config: EngineConfig, *, tls: bool = False) -> None:
+    def __init__(self, config: EngineConfig, *, tls: bool = False,
+                 auth_gate: Callable[[], Reply | None] | None = None) -> None:
         self.config = config
+        # Asked at each AUTH command: a refusal (454 4.7.0 for a locked-out
+        # client address, which only the transport knows) or None.
+        self.auth_gate = auth_gate
         self.tls = tls  # True once the connection is encrypted
         self.helo: str | None = None  # reset by STARTTLS (RFC 3207 §4.2)
         self.esmtp = False  # the client said EHLO, not HELO
@@ -233,6 +243,7 @@ class SMTPEngine:
         self.authenticated: str | None = None
         self._sasl: sasl.Mechanism | None = None
         self._sasl_success: sasl.Success | None = None
+        self._auth_overlong = False  # skipping a response line over the limit
         self._ehlo_reply = self._build_ehlo_lines()
         self.errors = 0  # 5xx replies to commands (the error budget)
         self._pos = 0  # start of the unparsed input in ``_in`` (COMMAND only)
@@ -694,6 +705,9 @@ class SMTPEngine:
             return self._reply(R.AUTH_ALREADY, verb)  # RFC 4954 §4
         if self.transaction is not None:
             return self._reply(R.AUTH_IN_TRANSACTION, verb)  # RFC 4954 §4
+        refusal = self.auth_gate() if self.auth_gate is not None else None
+        if refusal is not None:
+            return self._reply(refusal, verb)
         words = arg.split(" ")
         if not arg or len(words) > 2:
             return self._reply(R.AUTH_SYNTAX, verb)
@@ -717,17 +731,15 @@ class SMTPEngine:
         nl = buf.find(b"\n")
         if nl < 0:
             if len(buf) > AUTH_LINE_MAX:
-                # Too long: end the exchange; the command reader skips the
-                # rest of the line and answers 500 5.5.2.
-                self._auth_end()
-                self._discarding_line = True
+                # Too long: drop what came, skip to the end of the line.
+                self._auth_overlong = True
                 self._in = b""
             return False
         line = buf[:nl]
         self._in = buf[nl + 1:]
-        if nl + 1 > AUTH_LINE_MAX:
+        if self._auth_overlong or nl + 1 > AUTH_LINE_MAX:
             self._auth_end()
-            self._reply(R.LINE_TOO_LONG, "AUTH")
+            self._reply(R.AUTH_LINE_TOO_LONG, "AUTH")
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -759,7 +771,7 @@ class SMTPEngine:
         assert mechanism is not None
         if isinstance(step, sasl.Challenge):
             self.phase = Phase.AUTH
-            self._reply(_challenge(step.data), "")
+            self._reply(_challenge(step.data), "AUTH")
         elif isinstance(step, (sasl.CheckPassword, sasl.LookupScram)):
             self.phase = Phase.WAIT
             self._events.append(AuthCheck(step, mechanism.name))
@@ -767,7 +779,7 @@ class SMTPEngine:
             if step.data:
                 self._sasl_success = step
                 self.phase = Phase.AUTH
-                self._reply(_challenge(step.data), "")
+                self._reply(_challenge(step.data), "AUTH")
             else:
                 self._auth_succeed(step)
         else:
@@ -790,6 +802,7 @@ class SMTPEngine:
     def _auth_end(self) -> None:
         self._sasl = None
         self._sasl_success = None
+        self._auth_overlong = False
         self.phase = Phase.COMMAND
 
     # --- Message content ------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("simplesmtp.httpd")
 
@@ -52,7 +52,7 @@ class MetricsHTTPServer:
             try:
                 head = await asyncio.wait_for(
                     reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._respond(writer, 408, b"timeout\n", "text/plain")
                 return
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):

@@ -37,8 +37,13 @@ import logging
 import math
 import random
 import time
+from bisect import bisect_left as _bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("simplesmtp.metrics")
 
@@ -77,13 +82,14 @@ BUCKETS_NS: tuple[int, ...] = _bucket_bounds_ns()
 class KindStats:
     """A cumulative histogram of one kind's latencies (event loop thread only)."""
 
-    __slots__ = ("counts", "count", "sum_ns", "max_ns")
+    __slots__ = ("counts", "count", "sum_ns", "max_ns", "codes")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS_NS) + 1)  # per bucket, not cumulative
         self.count = 0
         self.sum_ns = 0
         self.max_ns = 0
+        self.codes: dict[int, int] = {}  # reply code -> count
 
     def observe(self, ns: int) -> None:
         self.counts[bisect.bisect_left(BUCKETS_NS, ns)] += 1
@@ -154,6 +160,9 @@ class SloWindow:
     caller's clock); ``last`` is the verdict of the latest closed window
     that saw traffic.  ``rolling(now)`` is the share over the last minute,
     from one-second slots, for a live view between window ends.
+
+    ``observe`` is on the hot path: a comparison and two additions while
+    the current one-second slot lasts; the bookkeeping runs once per slot.
     """
 
     def __init__(self, threshold_s: float = DEFAULT_SLO_THRESHOLD,
@@ -167,41 +176,51 @@ class SloWindow:
         self.window_ns = int(window_s * NS_PER_SECOND)
         self.slot_ns = self.window_ns // SLO_SLOTS
         self.on_verdict = on_verdict
-        self._window: int | None = None  # index of the open window
-        self._commands = 0
-        self._within = 0
         self.last: Verdict | None = None
         self.windows_met = 0
         self.windows_missed = 0
-        self._slot_ids = [-1] * SLO_SLOTS
+        self._slot: int | None = None  # index of the current slot
+        self._slot_end = 0  # clock value where the current slot ends
+        self._cur_commands = 0  # counts of the current slot
+        self._cur_within = 0
+        self._window: int | None = None  # index of the open window
+        self._commands = 0  # counts of the open window's finished slots
+        self._within = 0
+        self._slot_ids = [-1] * SLO_SLOTS  # finished slots, for ``rolling``
         self._slot_commands = [0] * SLO_SLOTS
         self._slot_within = [0] * SLO_SLOTS
 
     def observe(self, now_ns: int, latency_ns: int) -> None:
+        if now_ns >= self._slot_end:
+            self._advance(now_ns)
+        self._cur_commands += 1
+        if latency_ns <= self.threshold_ns:
+            self._cur_within += 1
+
+    def tick(self, now_ns: int) -> Verdict | None:
+        """Close the open window if ``now_ns`` is past it; return its verdict."""
+        if now_ns < self._slot_end or self._slot is None:
+            return None
+        before = self.last
+        self._advance(now_ns)
+        return self.last if self.last is not before else None
+
+    def _advance(self, now_ns: int) -> None:
+        """The current slot is over: file it, and close its window if over."""
+        if self._slot is not None:
+            i = self._slot % SLO_SLOTS
+            self._slot_ids[i] = self._slot
+            self._slot_commands[i] = self._cur_commands
+            self._slot_within[i] = self._cur_within
+            self._commands += self._cur_commands
+            self._within += self._cur_within
+        self._cur_commands = self._cur_within = 0
         slot = now_ns // self.slot_ns
         window = slot // SLO_SLOTS
         if window != self._window:
             self._roll(window)
-        within = latency_ns <= self.threshold_ns
-        self._commands += 1
-        i = slot % SLO_SLOTS
-        if self._slot_ids[i] != slot:
-            self._slot_ids[i] = slot
-            self._slot_commands[i] = 0
-            self._slot_within[i] = 0
-        self._slot_commands[i] += 1
-        if within:
-            self._within += 1
-            self._slot_within[i] += 1
-
-    def tick(self, now_ns: int) -> Verdict | None:
-        """Close the open window if ``now_ns`` is past it; return its verdict."""
-        window = now_ns // self.window_ns
-        if self._window is not None and window > self._window:
-            before = self.last
-            self._roll(window)
-            return self.last if self.last is not before else None
-        return None
+        self._slot = slot
+        self._slot_end = (slot + 1) * self.slot_ns
 
     def _roll(self, window: int) -> None:
         if self._window is not None and self._commands:
@@ -224,9 +243,12 @@ class SloWindow:
         oldest = newest - SLO_SLOTS + 1
         commands = within = 0
         for i, sid in enumerate(self._slot_ids):
-            if oldest <= sid <= newest:
+            if oldest <= sid <= newest and sid != self._slot:
                 commands += self._slot_commands[i]
                 within += self._slot_within[i]
+        if self._slot is not None and oldest <= self._slot <= newest:
+            commands += self._cur_commands
+            within += self._cur_within
         return commands, within
 
 
@@ -326,7 +348,6 @@ class Metrics:
                  clock: Callable[[], int] = time.perf_counter_ns) -> None:
         self.clock = clock
         self.kinds: dict[str, KindStats] = {}
-        self.commands: dict[tuple[str, str], int] = {}  # (verb, "2xx") -> count
         self.sessions_open = 0
         self.sessions_total = 0
         self.bytes_received = 0
@@ -345,27 +366,49 @@ class Metrics:
 
     def record(self, kind: str, code: int, start_ns: int, end_ns: int,
                enhanced: str | None = None) -> int:
-        """One reply handed to the transport; returns its latency in ns."""
+        """One reply handed to the transport; returns its latency in ns.
+
+        Runs for every reply: the histogram update is written out here
+        rather than calling ``KindStats.observe``.
+        """
         ns = end_ns - start_ns
         stats = self.kinds.get(kind)
         if stats is None:
             stats = self.kinds[kind] = KindStats()
-        stats.observe(ns)
-        if kind == DATA_END:
-            if code < 400:
-                self.messages_accepted += 1
-            else:
-                reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
-                self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
-            verb = "DATA"
-        elif kind == UNKNOWN:
-            verb = UNKNOWN
+        stats.counts[_bisect_left(BUCKETS_NS, ns)] += 1
+        stats.count += 1
+        stats.sum_ns += ns
+        if ns > stats.max_ns:
+            stats.max_ns = ns
+        codes = stats.codes
+        codes[code] = codes.get(code, 0) + 1
+        if kind in NOT_SLO_KINDS:
+            if kind == DATA_END:
+                if code < 400:
+                    self.messages_accepted += 1
+                else:
+                    reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
+                    self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
         else:
-            verb = kind
-            self.slo.observe(end_ns, ns)
-        key = (verb, _CLASSES[code // 100] if 2 <= code // 100 <= 5 else "other")
-        self.commands[key] = self.commands.get(key, 0) + 1
+            # SloWindow.observe, written out (same hot-path reason).
+            slo = self.slo
+            if end_ns >= slo._slot_end:
+                slo._advance(end_ns)
+            slo._cur_commands += 1
+            if ns <= slo.threshold_ns:
+                slo._cur_within += 1
         return ns
+
+    @property
+    def commands(self) -> dict[tuple[str, str], int]:
+        """Replies by (verb, class): the end of content counts as DATA."""
+        out: dict[tuple[str, str], int] = {}
+        for kind, stats in self.kinds.items():
+            verb = "DATA" if kind == DATA_END else kind
+            for code, n in stats.codes.items():
+                key = (verb, _CLASSES.get(code // 100, "other"))
+                out[key] = out.get(key, 0) + n
+        return out
 
     def tick(self) -> Verdict | None:
         """Close the SLO window if its minute is over (called periodically)."""
@@ -380,7 +423,7 @@ class Metrics:
 
     # --- Prometheus exposition ---------------------------------------------
 
-    def registry(self) -> object:
+    def registry(self) -> CollectorRegistry:
         """A ``prometheus_client`` registry that reads this object when scraped."""
         from prometheus_client import CollectorRegistry
 
@@ -397,8 +440,11 @@ class _Collector:
         self.m = metrics
 
     def collect(self) -> Iterator[object]:
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         m = self.m
         yield GaugeMetricFamily("simplesmtp_sessions_open", "SMTP sessions now open",
@@ -436,7 +482,7 @@ class _Collector:
         bounds = [_le(b) for b in BUCKETS_NS] + ["+Inf"]
         for kind, stats in sorted(m.kinds.items()):
             cumulative, running = [], 0
-            for le, c in zip(bounds, stats.counts):
+            for le, c in zip(bounds, stats.counts, strict=True):
                 running += c
                 cumulative.append((le, running))
             hist.add_metric([kind], cumulative, sum_value=stats.sum_ns / NS_PER_SECOND)

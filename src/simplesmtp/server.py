@@ -78,7 +78,7 @@ class Session(asyncio.Protocol):
         self.submission = submission  # the RFC 6409 listener: MAIL needs AUTH
         self.engine = SMTPEngine(
             server.submission_engine_config if submission else server.engine_config,
-            tls=implicit_tls)
+            tls=implicit_tls, auth_gate=self._auth_gate)
         self._auth_delay: asyncio.TimerHandle | None = None  # failed-AUTH delay
         self.implicit_tls = implicit_tls  # TLS from the first byte (RFC 8314)
         self.id = f"{next(_session_ids):06d}"
@@ -261,6 +261,11 @@ class Session(asyncio.Protocol):
                     self._write_message(event.data)
                 elif isinstance(event, MessageBegin):
                     self._content_txn = event.transaction
+                    timed = self._timed
+                    if timed and timed[-1][0] == "DATA":
+                        # The 354 goes out before the message is opened: the
+                        # client sends content while we build the headers.
+                        self._flush_out()
                     self._begin_message(event.transaction)
                 elif isinstance(event, MessageComplete):
                     self._content_txn = None
@@ -461,6 +466,15 @@ class Session(asyncio.Protocol):
 
     # --- AUTH (RFC 4954) ---------------------------------------------------
 
+    def _auth_gate(self) -> R.Reply | None:
+        """At each AUTH command: refuse a locked-out address at once."""
+        locked = self.server.auth_throttle.locked_for(self.peer_ip)
+        if locked <= 0:
+            return None
+        log.warning("event=auth_locked session=%s peer=%s retry_after=%.1f",
+                    self.id, self.peer, locked)
+        return R.AUTH_LOCKED
+
     def _auth_check(self, event: AuthCheck) -> None:
         """Resolve a SASL request in the auth threads (argon2 is slow), unless
         this address is locked out.  The request may hold a password: it is
@@ -505,6 +519,7 @@ class Session(asyncio.Protocol):
                      self.id, self.peer, event.mechanism)
             return
         delay = throttle.failure(self.peer_ip)
+        self.server.metrics.auth_failure()
         log.warning("event=auth_failed session=%s peer=%s mechanism=%s user=%s delay=%.2f"
                     " locked=%s", self.id, self.peer, event.mechanism, user, delay,
                     "yes" if throttle.locked_for(self.peer_ip) > 0 else "no")
@@ -539,7 +554,6 @@ class Session(asyncio.Protocol):
         self._tls_task = loop.create_task(self._handshake(holder.context))
 
     async def _handshake(self, ctx: ssl.SSLContext) -> None:
-        mode = "starttls"
         raw = self.transport
         assert raw is not None
         loop = asyncio.get_running_loop()
@@ -549,16 +563,24 @@ class Session(asyncio.Protocol):
                 ssl_handshake_timeout=self.config.tls_handshake_timeout)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._handshaking = False
-            self._tls_failed(mode, exc)
+            self._tls_failed(exc)
+            return
+        except Exception as exc:
+            # Our bug, not the peer's (the peer's faults are OSErrors).
+            self._handshaking = False
+            log.exception("event=internal_error session=%s peer=%s stage=starttls",
+                          self.id, self.peer)
+            self._tls_failed(exc)
             return
         self._handshaking = False
         if transport is None or self._lost:
-            self._tls_failed(mode, ConnectionResetError("connection closed"))
+            self._tls_failed(ConnectionResetError("connection closed"))
             return
         self.transport = transport
         self._read_paused = False  # the new transport starts reading
-        self._tls_up(mode)
-        self.last_active = time.monotonic()
+        self._tls_up("starttls")
+        # The client's turn starts now, not when it sent STARTTLS.
+        self.last_active = self._turn_started = time.monotonic()
         early = b"".join(self._tls_early)
         self._tls_early.clear()
         self.engine.tls_started()  # RFC 3207 §4.2: back to the start
@@ -569,17 +591,22 @@ class Session(asyncio.Protocol):
         assert self.transport is not None
         ssl_object = self.transport.get_extra_info("ssl_object")
         self._tls_desc = describe(ssl_object)
+        self.server.metrics.tls_handshake("ok")
         cipher = ssl_object.cipher() if ssl_object is not None else None
         log.info("event=tls session=%s mode=%s version=%s cipher=%s", self.id, mode,
                  ssl_object.version() if ssl_object is not None else "?",
                  cipher[0] if cipher else "?")
 
-    def _tls_failed(self, mode: str, exc: BaseException) -> None:
-        """A handshake failed: log it once and end the session quietly (no
-        plaintext reply can be sent into a half-made TLS connection)."""
+    def _tls_failed(self, exc: BaseException) -> None:
+        """A STARTTLS handshake failed: log it and end the session quietly
+        (no reply can be sent into a half-made TLS connection).
+
+        Failed handshakes on the implicit-TLS port never reach a Session:
+        the listener drops them before ``connection_made``."""
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        log.info("event=tls_failed session=%s peer=%s mode=%s reason=%s error=%s",
-                 self.id, self.peer, mode, _clean(reason), _clean(exc))
+        self.server.metrics.tls_handshake("failed")
+        log.info("event=tls_failed session=%s peer=%s mode=starttls reason=%s error=%s",
+                 self.id, self.peer, _clean(reason), _clean(exc))
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
@@ -668,6 +695,13 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # close() waits until our replies are written; a peer that
+                # does not read would hold the connection (and its buffer)
+                # forever.  It gets one more timeout period, then is cut.
+                # (connection_lost cancels this through ``_timer``.)
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.config.timeout, self.transport.abort)
 
     def shutdown(self) -> None:
         """Server is stopping: close now unless a transaction is running."""
@@ -728,6 +762,10 @@ class Server:
         # threads of their own bound that memory and keep storage threads free.
         self.auth_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         self.submission_addresses: list[tuple[str, int]] = []
+        if self.users is not None:
+            server_log.info("event=users_loaded file=%s accounts=%d auth=%s", self.users.path,
+                            len(self.users), "tls" if not config.allow_insecure_auth
+                            else "tls,plain")
         # The certificate and key; replaced on SIGHUP (reload_tls).
         self.tls: ContextHolder | None = None
         if config.tls_cert is not None and config.tls_key is not None:
@@ -806,7 +844,7 @@ class Server:
 
         if self._registry is None:
             self._registry = self.metrics.registry()
-        return generate_latest(self._registry), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
     _registry: Any = None
 

@@ -192,8 +192,9 @@ class UserStore:
         # attempt must see the same salt) but unpredictable.
         self._fake_secret = os.urandom(32)
         # An unknown user still costs one argon2 verification, so that the
-        # reply time does not tell which accounts exist.
-        self._dummy_hash = self.hasher.hash(base64.b64encode(os.urandom(12)).decode())
+        # reply time does not tell which accounts exist.  Made on first use
+        # (hashing is slow; most commands never need it).
+        self._dummy: str | None = None
         self.reload()
 
     # --- Reading ------------------------------------------------------------
@@ -262,13 +263,18 @@ class UserStore:
     def verify_password(self, name: str, password: str) -> str | None:
         """The canonical account name if ``password`` is right, else None."""
         account = self.get(name)
-        stored = account.password_hash if account is not None else self._dummy_hash
+        stored = account.password_hash if account is not None else self._dummy_hash()
         ok: bool
         try:
             ok = self.hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
             ok = False
         return account.name if ok and account is not None else None
+
+    def _dummy_hash(self) -> str:
+        if self._dummy is None:
+            self._dummy = self.hasher.hash(base64.b64encode(os.urandom(12)).decode())
+        return self._dummy
 
     def scram(self, name: str) -> ScramCredentials:
         """Stored SCRAM keys, or made-up ones (unknown user, no SCRAM keys)."""
