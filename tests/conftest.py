@@ -144,9 +144,11 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout)
-        self._end_loop(timeout)
+        try:
+            if self.server is not None:
+                asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout)
+        finally:
+            self._end_loop(timeout)
 
     def _end_loop(self, timeout: float) -> None:
         async def drain() -> None:

@@ -922,3 +922,45 @@ def test_plain_asyncio_loop_end_to_end(server_factory):
                       for f in delivered(srv.mail_dir, ALICE))
     expected = sorted([_expected_after_smtplib(p.read_bytes()) for p in sample] + [BINARY])
     assert contents == expected
+
+
+# --- memory stays bounded while a big message streams to disk -------------------
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+@pytest.mark.parametrize("how", ["data", "bdat"])
+def test_big_message_streams_with_bounded_memory(spawn_server, tmp_path, how):
+    """80 MiB through one session raises the server's peak RSS by far less
+    than the message: content goes to disk as it arrives."""
+    proc = spawn_server("--max-message-size", str(200 * 1024 * 1024))
+    size = 80 * 1024 * 1024
+    line = b"m" * 1022 + b"\r\n"
+    block = line * 256  # 256 KiB
+    with RawSMTP(proc.host, proc.port, timeout=60) as c:
+        c.ehlo()
+        c.envelope(SENDER, ALICE)
+        before = _peak_rss_kib(proc.proc.pid)
+        if how == "data":
+            assert c.cmd("DATA").code == 354
+            for _ in range(size // len(block)):
+                c.send(block)
+            c.send(b".\r\n")
+        else:
+            for _ in range(size // len(block) - 1):
+                c.send(b"BDAT %d\r\n" % len(block) + block)
+            c.send(b"BDAT %d LAST\r\n" % len(block) + block)
+            for _ in range(size // len(block) - 1):
+                assert c.reply().code == 250
+        r = c.reply()
+        assert r.code == 250, r
+        growth = _peak_rss_kib(proc.proc.pid) - before
+    assert growth < 24 * 1024, f"peak RSS grew by {growth} KiB for an 80 MiB message"
+    [path] = delivered(tmp_path / "mail", ALICE)
+    assert path.stat().st_size > size

@@ -384,3 +384,50 @@ def test_stats_command_without_a_server_fails_cleanly(run_cli) -> None:
     assert res.returncode == 1
     assert "cannot read" in res.stderr
     assert run_cli("stats").returncode == 2
+
+
+def _raw_http(host: str, port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            # The server closed with our unread request bytes in its buffer.
+            return data or b"RESET"
+    return data
+
+
+def test_metrics_http_refuses_what_it_does_not_serve(server_factory) -> None:
+    srv = server_factory(metrics_port=0)
+    host, mport = srv.server.metrics_addresses[0]
+    assert _raw_http(host, mport, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(
+        b"HTTP/1.1 405 ")
+    assert _raw_http(host, mport, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    huge = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
+    answer = _raw_http(host, mport, huge)
+    assert answer.startswith(b"HTTP/1.1 400 ") or answer == b"RESET", answer[:80]
+    head = _raw_http(host, mport, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+    # The SMTP side is unaffected.
+    with RawSMTP(srv.host, srv.port) as c:
+        assert c.cmd("NOOP").code == 250
+
+
+def test_format_stats_shows_a_missed_window() -> None:
+    from prometheus_client import generate_latest
+
+    now = [0]
+    m = Metrics(clock=lambda: now[0])
+    for i in range(50):
+        m.record("NOOP", 250, i * MS, i * MS + (3 * MS if i < 5 else 20 * US))
+    now[0] = MINUTE + 1
+    m.tick()
+    table = format_stats(generate_latest(m.registry()).decode())
+    assert "last window: 50 commands, 90.000% within: MISSED" in table
+    assert "(windows met 0, missed 1)" in table
+    row = next(line for line in table.splitlines() if line.startswith("NOOP "))
+    assert row.split()[5] == "90.00%"

@@ -118,6 +118,7 @@ class Session(asyncio.Protocol):
         self._timed: list[tuple[str, R.Reply, int]] = []
         self._content_txn: Transaction | None = None  # content being received
         self._t_content_end = 0  # when the end of content arrived
+        self._t_auth: int | None = None  # when the AUTH being checked arrived
         self.perf = SessionStats() if self.config.measure_performance else None
 
     # --- asyncio.Protocol -------------------------------------------------
@@ -138,10 +139,10 @@ class Session(asyncio.Protocol):
             log.warning("event=connection_refused session=%s peer=%s reason=%s",
                         self.id, self.peer, _clean(refusal.text))
             self.closing = True
-            if not self.implicit_tls:
+            if self.transport is not None:
                 # Before EHLO, but the enhanced code is plain text to any
                 # client and tells the human reading a bounce why (as Postfix).
-                transport.write(refusal.encode(True))
+                self.transport.write(refusal.encode(True))
             transport.close()
             return
         self.admitted = True
@@ -253,9 +254,10 @@ class Session(asyncio.Protocol):
                         asyncio.get_running_loop().call_soon(self._unblock)
                     out.append(event.data)
                     verb = event.verb
-                    if verb == "DATA" or verb == "BDAT" or not verb:
-                        verb = self._reply_kind(event)
-                    self._timed.append((verb, event.reply, self._t_recv))
+                    start = self._t_recv
+                    if verb == "DATA" or verb == "BDAT" or verb == "AUTH" or not verb:
+                        verb, start = self._reply_kind(event)
+                    self._timed.append((verb, event.reply, start))
                     self._account(event)
                 elif isinstance(event, MessageData):
                     self._write_message(event.data)
@@ -311,19 +313,24 @@ class Session(asyncio.Protocol):
             out.clear()
             self._turn_started = time.monotonic()
 
-    def _reply_kind(self, event: Send) -> str:
-        """The latency kind of a DATA/BDAT reply or of one without a verb."""
+    def _reply_kind(self, event: Send) -> tuple[str, int]:
+        """Latency kind and start of a DATA/BDAT/AUTH reply or one without a verb."""
         verb = event.verb
         if not verb:
-            return UNKNOWN
+            return UNKNOWN, self._t_recv
+        if verb == "AUTH":
+            # Timed from the command, across the password check in a thread.
+            start = self._t_auth if self._t_auth is not None else self._t_recv
+            self._t_auth = None
+            return verb, start
         txn = self._content_txn
         if txn is None or (verb == "DATA" and event.reply.code == 354):
-            return verb
+            return verb, self._t_recv
         if verb == "DATA" or txn.too_big:
             # The end of content refused in the engine (too big).
             self._content_txn = None
-            return DATA_END
-        return verb  # a BDAT chunk's reply
+            return DATA_END, self._t_recv
+        return verb, self._t_recv  # a BDAT chunk's reply
 
     def _record(self, timed: list[tuple[str, R.Reply, int]], end: int) -> None:
         metrics = self.server.metrics
@@ -487,6 +494,7 @@ class Session(asyncio.Protocol):
             self.engine.auth_abort(R.AUTH_LOCKED)
             return
         users = server.users
+        self._t_auth = self._t_recv
         self._flush_out()
         self._block()
         loop = asyncio.get_running_loop()
