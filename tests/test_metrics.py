@@ -431,3 +431,41 @@ def test_format_stats_shows_a_missed_window() -> None:
     assert "(windows met 0, missed 1)" in table
     row = next(line for line in table.splitlines() if line.startswith("NOOP "))
     assert row.split()[5] == "90.00%"
+
+
+def test_auth_is_timed_across_the_password_check_and_kept_out_of_the_slo(
+        server_factory, tmp_path) -> None:
+    import base64
+    import time
+
+    from argon2 import PasswordHasher
+
+    from simplesmtp.users import UserStore
+
+    path = tmp_path / "users"
+    UserStore(str(path), hasher=PasswordHasher(time_cost=1, memory_cost=64,
+                                               parallelism=1)).add("u@example.com", "Pw-1234-abcd")
+    srv = server_factory(users_file=str(path), allow_insecure_auth=True,
+                         auth_failure_delay=0.0, local_domain=("example.com",))
+    users = srv.server.users
+    real = users.resolve
+
+    def slow_resolve(request):  # runs in the auth thread
+        time.sleep(0.05)
+        return real(request)
+
+    users.resolve = slow_resolve
+    token = base64.b64encode(b"\0u@example.com\0Pw-1234-abcd").decode()
+    wrong = base64.b64encode(b"\0u@example.com\0nope").decode()
+    with RawSMTP(srv.host, srv.port) as c:
+        c.ehlo()
+        assert c.cmd(f"AUTH PLAIN {wrong}").code == 535
+        assert c.cmd(f"AUTH PLAIN {token}").code == 235
+        assert c.cmd("NOOP").code == 250
+    assert srv.wait_idle()
+    m = srv.server.metrics
+    auth = srv.call(lambda: m.kinds["AUTH"])
+    assert auth.count == 2
+    assert auth.sum_ns >= 2 * 50_000_000  # the check's time is in the figure
+    assert srv.call(lambda: m.auth_failures) == 1
+    assert srv.call(lambda: m.slo.rolling(m.clock())) == (2, 2)  # EHLO and NOOP only
