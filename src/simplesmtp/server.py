@@ -952,7 +952,6 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
     reloads: set[asyncio.Task[bool]] = set()  # keeps running reloads referenced
 
     def on_sighup() -> None:
@@ -962,6 +961,7 @@ async def serve(config: Config) -> None:
             task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    await server.start()
     await stop.wait()
     await server.stop()
 
