@@ -99,7 +99,7 @@ def write_markdown(summary: dict[str, Any]) -> str:
         f"# simplesmtp benchmark ({c.get('mode')})",
         "",
         f"Measured {c['date']} on {c['cpus']} CPUs ({c['cpu_model']}), Linux {c['kernel']},"
-        f" Python {c['python']}; load average {c['loadavg_start'][0]:.2f} at start,"
+        f" Python {c['python']}, simplesmtp {c.get('commit', '?')}; load average {c['loadavg_start'][0]:.2f} at start,"
         f" {c['loadavg_end'][0]:.2f} at end.",
         "",
         "## Throughput: messages per second (ratio to smtp-sink)",
@@ -145,6 +145,12 @@ def write_markdown(summary: dict[str, Any]) -> str:
             cells = [f"{s['inside'][k]['p50_us']:.0f} / {s['inside'][k]['p99_us']:.0f}"
                      if k in s["inside"] else "" for k in ik]
             lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    one, two = _get(servers, "simplesmtp-null"), _get(servers, "simplesmtp-null-w2")
+    if one and two:
+        parts = [f"{n} {two['scenarios'][n]['rate'] / one['scenarios'][n]['rate']:.2f}x"
+                 for n in scen_names if n in one["scenarios"] and n in two["scenarios"]]
+        lines += ["", "Scaling, null store, `--workers 2` against one process: "
+                  + ", ".join(parts) + f" (on {c['cpus']} CPUs shared with smtp-source)."]
     if summary["targets"]:
         lines += ["", "## Targets (issue 5)", "", "| target | measured | met |",
                   "| --- | ---: | :---: |"]

@@ -53,6 +53,7 @@ KB = 1024
 SCENARIOS: tuple[tuple[int, int], ...] = ((1, KB), (20, KB), (1, 100 * KB), (20, 100 * KB))
 RUN_TIMEOUT = 120.0  # seconds any one smtp-source run may take
 MAX_MESSAGES = 200_000  # upper bound of one run, whatever the pilot says
+QUICK_SERVERS = ("simplesmtp-null", "simplesmtp-maildir")
 
 
 def scenario_name(sessions: int, size: int) -> str:
@@ -185,7 +186,17 @@ def conditions() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, timeout=10).stdout.decode().strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO,
+                               capture_output=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += " with uncommitted changes in src/"
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": commit or "?",
             "cpus": os.cpu_count(), "cpu_model": model,
             "kernel": platform.release(), "python": platform.python_version(),
             "loadavg_start": os.getloadavg()}
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(specs) != len(wanted):
             p.error(f"unknown server in {args.servers}")
     elif args.quick:
-        specs = [s for s in ALL_SERVERS if s.kind == "simplesmtp"]
+        specs = [s for s in ALL_SERVERS if s.name in QUICK_SERVERS]
     else:
         specs = list(ALL_SERVERS)
     rounds = args.rounds or (1 if args.quick else 3)

@@ -30,14 +30,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
+def _stat(pid: int) -> list[bytes]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # Fields after the command name, which is in parentheses and may hold spaces.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLK_TCK
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) and of its live
+    child processes (``--workers``) so far."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass  # gone meanwhile, or not readable
+    total = 0
+    for p in pids:
+        try:
+            fields = _stat(p)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
 
 
 def wait_greeting(port: int, timeout: float = START_TIMEOUT) -> None:
@@ -94,6 +112,9 @@ ALL_SERVERS: tuple[ServerSpec, ...] = (
                {"storage": "null"}),
     ServerSpec("simplesmtp-maildir", "simplesmtp (--storage maildir)", "simplesmtp", True,
                {"storage": "maildir"}),
+    # Scaling over cores: two processes sharing the port (SO_REUSEPORT).
+    ServerSpec("simplesmtp-null-w2", "simplesmtp (null, --workers 2)", "simplesmtp", False,
+               {"storage": "null", "extra": "--workers 2"}),
 )
 
 
@@ -103,7 +124,9 @@ class RunningServer:
         self.workdir = workdir / spec.name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.metrics_port = free_port() if spec.kind == "simplesmtp" else None
+        # One /metrics per process: only single-process servers are scraped.
+        self.metrics_port = free_port() if spec.kind == "simplesmtp" and \
+            "--workers" not in spec.options.get("extra", "") else None
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIMPLESMTP_")}
         env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
         self.log = open(self.workdir / "server.log", "wb")

@@ -21,6 +21,7 @@ import pytest
 from clients import ConnectionClosed, RawSMTP, wait_until
 from conftest import all_delivered, delivered, mailbox_dir, split_trace, tmp_files
 
+from simplesmtp.address import Address
 from simplesmtp.engine import NEED_DATA, Close, EngineConfig, Send, SMTPEngine
 from simplesmtp.storage.maildir import MaildirStorage
 
@@ -138,8 +139,11 @@ def test_foreign_protocol_closed_at_once(smtp_server, caplog, name, split):
     data = _client_hello() if name == "TLS" else FOREIGN[name]
     with RawSMTP(smtp_server.host, smtp_server.port) as c:
         try:
-            c.send_slowly(data[:12]) if split else None
-            c.send(data[12:] if split else data)
+            if split:
+                c.send_slowly(data[:12])
+                c.send(data[12:])
+            else:
+                c.send(data)
         except OSError:
             pass  # closed while we were still writing: fine
         assert c.read_until_closed() == []  # no reply at all, then EOF
@@ -340,8 +344,8 @@ def test_pipelined_burst_is_bounded_and_does_not_stall_others(server_factory):
                 assert other.cmd("NOOP").code == 250
                 worst = max(worst, time.monotonic() - t0)
                 time.sleep(0.02)
-        print(f"worst={worst:.3f}")
-        assert worst < 0.5, worst
+        # Parsing the burst in one go took 1.2 to 3 s here; in batches, a few ms.
+        assert worst < 0.8, worst
         pending = srv.call(lambda: max(s.engine.pending_input for s in srv.server.sessions))
         assert pending < 1024 * 1024, pending
         # Now read everything: every command got its reply, in order.
@@ -540,8 +544,7 @@ def test_clean_tmp_removes_only_old_leftovers(tmp_path):
     assert not old.exists() and fresh.exists() and kept.exists()
 
 
-def _addr(text: str):
-    from simplesmtp.address import Address
+def _addr(text: str) -> Address:
     local, _, domain = text.partition("@")
     return Address(local, domain)
 

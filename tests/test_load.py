@@ -7,6 +7,9 @@ sessions really are open at the same time), then each delivers one message
 and quits.  The server's peak resident memory (``VmHWM``) is recorded in
 ``load-peak.txt`` under the pytest base temp directory and printed with
 ``-s``; docs/security.md quotes the figure.
+
+A second test sends rounds of abusive sessions and checks that the server's
+memory does not grow from round to round (a leak would).
 """
 
 from __future__ import annotations
@@ -122,3 +125,57 @@ def test_1000_concurrent_sessions(spawn_server, tmp_path, tmp_path_factory):
     (tmp_path_factory.getbasetemp() / "load-peak.txt").write_text(report + "\n")
     assert peak < PEAK_LIMIT_MB * 1024, report
     assert (peak - baseline) / SESSIONS < PER_SESSION_LIMIT_KB, report
+
+
+HOSTILE_ROUNDS = 5
+HOSTILE_SESSIONS = 250
+HOSTILE_GROWTH_LIMIT_MB = 8  # from the second round on (the first warms up)
+
+
+async def _hostile(port: int, n: int) -> None:
+    """One abusive session: a kind of garbage chosen by ``n``, then gone."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return
+    kind = n % 5
+    if kind == 0:
+        data = bytes(range(256)) * 256  # every byte value, NULs included
+    elif kind == 1:
+        data = b"x" * 200_000  # a line that never ends
+    elif kind == 2:
+        data = b"EHLO h\r\n" + b"MAIL FROM:<a@b.example>\r\nRSET\r\n" * 3000  # burst
+    elif kind == 3:  # a message cut off in the middle
+        data = (b"EHLO h\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
+                + b"half a message\r\n" * 20_000)
+    else:
+        data = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), 10)
+        await asyncio.wait_for(reader.read(4096), 0.2)
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        writer.transport.abort()  # no QUIT, a reset
+
+
+def test_hostile_sessions_do_not_leak_memory(spawn_server):
+    """Rounds of abusive sessions: memory after the last round is about what
+    it was after the second (allocator noise aside); a leak grows each round."""
+    _raise_fd_limit(4 * HOSTILE_SESSIONS)
+    proc = spawn_server("--max-connections-per-ip", "0", "--max-errors", "0")
+    port = proc.port
+    after: list[int] = []
+    for _ in range(HOSTILE_ROUNDS):
+        async def round_() -> None:
+            await asyncio.gather(*(_hostile(port, n) for n in range(HOSTILE_SESSIONS)))
+        asyncio.run(asyncio.wait_for(round_(), WALL_LIMIT))
+        time.sleep(0.3)  # let the server finish closing
+        after.append(_status_kb(proc.proc.pid, "VmRSS"))
+    assert proc.proc.poll() is None
+    # A session's buffers are up to a few hundred KiB here: a leak of them
+    # grows tens of MB per round.
+    growth = (after[-1] - after[1]) / 1024
+    assert growth < HOSTILE_GROWTH_LIMIT_MB, [a // 1024 for a in after]
+    assert after[-1] < PEAK_LIMIT_MB * 1024, [a // 1024 for a in after]

@@ -263,15 +263,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger().setLevel(config.log_level)
         from .server import run
         try:
+            if config.workers > 1:
+                from .workers import run_workers
+                return run_workers(config, run)
             run(config)
         except ConfigError as exc:
             # A certificate changed between the check and the start.
             print(f"simplesmtp: error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         except OSError as exc:
-            # Typically the port is taken or not ours to bind.
-            print(f"simplesmtp: error: cannot listen on {config.host}:{config.port}:"
-                  f" {exc.strerror or exc}", file=sys.stderr)
+            # Typically a port is taken or not ours to bind.  There may be
+            # several listeners (--tls-port, --submission-port, metrics):
+            # asyncio's message names the address that failed, so do not
+            # put --port in front of it.
+            detail = exc.strerror or str(exc)
+            where = "" if "bind on address" in detail else f" on {config.host}:{config.port}"
+            print(f"simplesmtp: error: cannot listen{where}: {detail}", file=sys.stderr)
             return EXIT_CONFIG
         return 0
     parser.print_help()

@@ -294,6 +294,10 @@ SETTINGS: tuple[Setting, ...] = (
             " further failure", metavar="SECONDS"),
     Setting("auth_failure_delay_max", _float(0, 600), 16.0,
             "longest delay before a failed AUTH reply", metavar="SECONDS"),
+    # One event loop uses one core; more processes share the ports.
+    Setting("workers", _int(1, 256), 1,
+            "server processes sharing the ports (SO_REUSEPORT); each has its own"
+            " /metrics at --metrics-port plus its index", metavar="N"),
     Setting("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
             "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -342,6 +346,7 @@ class Config:
     auth_lockout: float = 900.0
     auth_failure_delay: float = 1.0
     auth_failure_delay_max: float = 16.0
+    workers: int = 1
     log_level: str = "INFO"
 
     def replace(self, **changes: Any) -> Config:

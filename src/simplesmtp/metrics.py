@@ -10,7 +10,7 @@ write) and a latency in nanoseconds.  Observations go to three places:
 
 * ``KindStats``: one histogram per kind with fine fixed buckets (a 1-1.5-2-
   3-5-7 series per decade, from 2 µs to 10 s).  Recording is a ``bisect``
-  and two integer additions, no lock: everything runs on the event loop
+  and a few integer additions, no lock: everything runs on the event loop
   thread.  ``prometheus_client`` reads these at scrape time through a
   custom collector, so the hot path never touches its locks.
 * ``SloWindow``: the share of valid commands answered within the threshold
@@ -24,6 +24,10 @@ write) and a latency in nanoseconds.  Observations go to three places:
   max per kind.  Percentiles use the nearest-rank method on the samples.
   Past ``SAMPLE_CAP`` samples of one kind, reservoir sampling keeps a
   uniform sample (count, mean and max stay exact).
+
+Commands that arrived while the session waited for the disk (pipelined
+behind an end of data) are timed from when the session resumes: the wait
+is already counted once, in ``DATA-END``.
 
 "Valid commands" for the SLO are those with a known verb, whatever their
 reply; unrecognised lines, the end of message content (disk time, not

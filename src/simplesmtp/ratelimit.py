@@ -9,7 +9,10 @@ cancel) is recorded against the client's IP address.  The transport then
   so that one connection cannot try faster than that;
 * once ``max_failures`` failures fall inside ``window`` seconds, refuses AUTH
   from that address with 454 4.7.0 for ``lockout`` seconds, whatever the
-  credentials (fail2ban's defaults are 5 failures in 10 minutes).
+  credentials (fail2ban's defaults are 5 failures in 10 minutes);
+* counts the attempts in flight (``begin``/``end``) against that budget, so
+  that an address never gets more than ``max_failures`` guesses evaluated,
+  however many connections it opens at once.
 
 A success clears the address's failures.  The clock is injected, so tests
 advance time instead of sleeping.  Memory is bounded: at most
@@ -49,6 +52,11 @@ class AuthThrottle:
         self.clock = clock
         self.max_tracked = max_tracked
         self._records: OrderedDict[str, _Record] = OrderedDict()
+        # Exchanges checking credentials right now, per address.  They count
+        # against the budget before their outcome is known: otherwise many
+        # parallel connections could all guess before the first failure is
+        # recorded.  Bounded by the open sessions (one attempt each).
+        self._pending: dict[str, int] = {}
 
     def _prune(self, record: _Record, now: float) -> None:
         horizon = now - self.window
@@ -62,6 +70,30 @@ class AuthThrottle:
         if record is None:
             return 0.0
         return max(0.0, record.locked_until - self.clock())
+
+    def begin(self, address: str) -> bool:
+        """Reserve one attempt for an exchange about to check credentials.
+
+        False (refuse with 454, do not evaluate) when the address is locked
+        out or its failures in the window plus the attempts in flight
+        already reach ``max_failures``.  Each True needs one ``end``.
+        """
+        if self.locked_for(address) > 0:
+            return False
+        pending = self._pending.get(address, 0)
+        if self.failures(address) + pending >= self.max_failures:
+            return False
+        self._pending[address] = pending + 1
+        return True
+
+    def end(self, address: str) -> None:
+        """The attempt reserved by ``begin`` is over (call before
+        ``failure``/``success``, or alone when it ended without a verdict)."""
+        pending = self._pending.get(address, 0) - 1
+        if pending > 0:
+            self._pending[address] = pending
+        else:
+            self._pending.pop(address, None)
 
     def failure(self, address: str) -> float:
         """Record a failure; return how long to delay the reply."""

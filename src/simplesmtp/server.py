@@ -80,6 +80,9 @@ class Session(asyncio.Protocol):
             server.submission_engine_config if submission else server.engine_config,
             tls=implicit_tls, auth_gate=self._auth_gate)
         self._auth_delay: asyncio.TimerHandle | None = None  # failed-AUTH delay
+        # This session holds one attempt of its address's AUTH budget (from
+        # the first credentials check of an exchange to its outcome).
+        self._auth_attempt = False
         self.implicit_tls = implicit_tls  # TLS from the first byte (RFC 8314)
         self.id = f"{next(_session_ids):06d}"
         self.transport: asyncio.Transport | None = None
@@ -182,6 +185,7 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
         if self._auth_delay is not None:
             self._auth_delay.cancel()
+        self._end_auth_attempt()
         for event in self.engine.connection_lost():
             if isinstance(event, MessageAbort):
                 self._abort_message(event.reason)
@@ -475,6 +479,7 @@ class Session(asyncio.Protocol):
 
     def _auth_gate(self) -> R.Reply | None:
         """At each AUTH command: refuse a locked-out address at once."""
+        self._end_auth_attempt()  # a cancelled exchange ends without a verdict
         locked = self.server.auth_throttle.locked_for(self.peer_ip)
         if locked <= 0:
             return None
@@ -487,10 +492,15 @@ class Session(asyncio.Protocol):
         this address is locked out.  The request may hold a password: it is
         never logged."""
         server = self.server
-        locked = server.auth_throttle.locked_for(self.peer_ip)
-        if locked > 0 or server.users is None:
+        throttle = server.auth_throttle
+        if not self._auth_attempt and server.users is not None:
+            # Parallel connections must not all guess at once: attempts in
+            # flight count against the address's budget (ratelimit.py).
+            self._auth_attempt = throttle.begin(self.peer_ip)
+        if not self._auth_attempt or server.users is None:
             log.warning("event=auth_locked session=%s peer=%s mechanism=%s retry_after=%.1f",
-                        self.id, self.peer, event.mechanism, locked)
+                        self.id, self.peer, event.mechanism,
+                        throttle.locked_for(self.peer_ip))
             self.engine.auth_abort(R.AUTH_LOCKED)
             return
         users = server.users
@@ -509,12 +519,19 @@ class Session(asyncio.Protocol):
             # Only the type is logged: the request held the password.
             log.error("event=auth_error session=%s peer=%s error=%s", self.id, self.peer,
                       type(exc).__name__ if exc is not None else "cancelled")
+            self._end_auth_attempt()
             self.engine.auth_abort(R.AUTH_LOCKED)
         else:
             self.engine.auth_result(fut.result())
         self._unblock()
 
+    def _end_auth_attempt(self) -> None:
+        if self._auth_attempt:
+            self._auth_attempt = False
+            self.server.auth_throttle.end(self.peer_ip)
+
     def _auth_result(self, event: AuthResult) -> None:
+        self._end_auth_attempt()
         throttle = self.server.auth_throttle
         user = _clean(event.username, 64) if event.username else "-"
         if event.ok:
@@ -800,8 +817,11 @@ class Server:
     async def start(self) -> list[tuple[str, int]]:
         """Listen; return the bound (host, port) pairs."""
         loop = asyncio.get_running_loop()
+        # --workers: every worker listens on the same ports (workers.py).
+        reuse_port = True if self.config.workers > 1 else None
         srv = await loop.create_server(lambda: Session(self), self.config.host,
-                                       self.config.port, reuse_address=True, backlog=1024)
+                                       self.config.port, reuse_address=True, backlog=1024,
+                                       reuse_port=reuse_port)
         self.servers.append(srv)
         addrs = [s.getsockname()[:2] for s in srv.sockets]
         for host, port in addrs:
@@ -814,7 +834,7 @@ class Server:
             tsrv = await loop.create_server(
                 lambda: Session(self, implicit_tls=True), self.config.host,
                 self.config.tls_port, reuse_address=True, backlog=1024,
-                ssl=self.tls.listener_context,
+                reuse_port=reuse_port, ssl=self.tls.listener_context,
                 ssl_handshake_timeout=self.config.tls_handshake_timeout)
             self.servers.append(tsrv)
             self.tls_addresses = [s.getsockname()[:2] for s in tsrv.sockets]
@@ -823,7 +843,8 @@ class Server:
         if self.config.submission_port is not None:
             ssrv = await loop.create_server(
                 lambda: Session(self, submission=True), self.config.host,
-                self.config.submission_port, reuse_address=True, backlog=1024)
+                self.config.submission_port, reuse_address=True, backlog=1024,
+                reuse_port=reuse_port)
             self.servers.append(ssrv)
             self.submission_addresses = [s.getsockname()[:2] for s in ssrv.sockets]
             for host, port in self.submission_addresses:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import email.utils
 import itertools
+import re
 import time
 
-from .address import Address
+from .address import MAX_DOMAIN, Address, is_domain
 
 _counter = itertools.count()
+# A HELO name fit to stand as it is in the from clause: no space, comment
+# or quoting character, brackets only around an address literal.  (A general
+# address literal, RFC 5321 §4.1.3, may hold parentheses.)
+_PLAIN_NAME = re.compile(r"[^\s()\\\[\]]+|\[[^\s()\\\[\]]+\]")
 
 
 def new_queue_id() -> str:
@@ -41,11 +46,33 @@ def path_text(address: Address) -> str:
     return f"<{address}>"
 
 
+def _from_clause(helo: str | None, peer_ip: str) -> str:
+    """``Extended-Domain`` of RFC 5321 §4.4: the name the client gave, then
+    the address we saw in the TCP-info comment.
+
+    The engine takes any printable HELO text (as Postfix does), but only a
+    Domain or an address literal may stand here.  Anything else, copied
+    verbatim, could shape the trace: ``good.example ([192.0.2.1])`` would
+    put a forged client address first, ``x) (y`` would unbalance the
+    comments.  Such a client is named by its address, and what it said is
+    kept inside the comment, quoted (RFC 5322 §3.2.2) and bounded.
+    """
+    literal = _address_literal(peer_ip)
+    if helo is None:
+        return f"unknown ({literal})"
+    if is_domain(helo) and _PLAIN_NAME.fullmatch(helo):
+        return f"{helo} ({literal})"
+    said = helo[:MAX_DOMAIN]
+    said = "".join(ch if " " <= ch <= "~" else "?" for ch in said)
+    said = said.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    return f"{literal} ({literal} helo={said})"
+
+
 def trace_headers(*, mail_from: Address, recipients: list[Address], helo: str | None,
                   peer_ip: str, hostname: str, protocol: str, queue_id: str,
                   tls_info: str | None = None, now: float | None = None) -> bytes:
     """``Return-Path`` and ``Received`` for the top of a stored message."""
-    received = f"Received: from {helo or 'unknown'} ({_address_literal(peer_ip)})\r\n" \
+    received = f"Received: from {_from_clause(helo, peer_ip)}\r\n" \
                f"\tby {hostname} (simplesmtp) with {protocol}"
     if tls_info:
         received += f"\r\n\t({tls_info})"

@@ -15,6 +15,12 @@ File format (UTF-8, ``#`` comments and blank lines ignored)::
   password or log in with what is stored (SCRAM's keys are one-way too:
   StoredKey = H(ClientKey), and the proof needs ClientKey).
 
+The line ``# fake-salt-key <base64>`` after the header holds a random key
+(written by the first ``user`` command): SCRAM's made-up salts for unknown
+users are derived from it, so they are the same after a restart and in
+every ``--workers`` process, as a real user's salt is.  A file written by
+hand without that line gets a key derived from its argon2 hashes.
+
 Writes are atomic: the new content goes to a temporary file in the same
 directory, is fsync'ed, renamed over the old file, and the directory is
 fsync'ed; a crash leaves either the old or the new file, never half of one.
@@ -32,6 +38,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import hashlib
 import hmac
 import logging
 import os
@@ -55,6 +62,7 @@ from .sasl import (
 log = logging.getLogger("simplesmtp.users")
 
 HEADER = "# simplesmtp users v1"
+SALT_KEY_PREFIX = "# fake-salt-key "
 SCRAM_TAG = "SCRAM-SHA-256"
 # RFC 5321 §4.5.3.1.3: a path is at most 256 octets; no account name needs more.
 MAX_NAME = 256
@@ -83,10 +91,12 @@ class Account:
 
 def check_name(name: str) -> str:
     """Validate an account name; return it. Raises ValueError."""
-    if not name or len(name.encode("utf-8")) > MAX_NAME:
-        raise ValueError("account name must be 1 to 256 bytes")
+    # Printable first: a name from argv that is not UTF-8 holds surrogate
+    # escapes, which are not printable and cannot be encoded.
     if not name.isprintable() or any(ch.isspace() for ch in name) or ":" in name:
         raise ValueError("account name must not contain spaces, ':' or control characters")
+    if not name or len(name.encode("utf-8")) > MAX_NAME:
+        raise ValueError("account name must be 1 to 256 bytes")
     if name.startswith("#"):
         raise ValueError("account name must not start with '#'")
     return name
@@ -137,8 +147,26 @@ def parse(text: str) -> dict[str, Account]:
     return accounts
 
 
-def format_accounts(accounts: dict[str, Account]) -> str:
+def salt_key(text: str, accounts: dict[str, Account]) -> bytes | None:
+    """The key for made-up SCRAM salts: the file's ``# fake-salt-key``
+    line, else one derived from the argon2 hashes (random salts, so as
+    secret as the file), else None (no accounts: nothing to derive from)."""
+    for line in text.splitlines():
+        if line.startswith(SALT_KEY_PREFIX):
+            with contextlib.suppress(ValueError, binascii.Error):
+                key = base64.b64decode(line[len(SALT_KEY_PREFIX):].strip(), validate=True)
+                if len(key) >= 16:
+                    return key
+    if not accounts:
+        return None
+    material = "\n".join(sorted(a.password_hash for a in accounts.values()))
+    return hashlib.sha256(b"simplesmtp fake salt key\n" + material.encode()).digest()
+
+
+def format_accounts(accounts: dict[str, Account], key: bytes | None = None) -> str:
     lines = [HEADER]
+    if key is not None:
+        lines.append(SALT_KEY_PREFIX + base64.b64encode(key).decode("ascii"))
     for account in sorted(accounts.values(), key=lambda a: a.key):
         fields = [account.name, account.password_hash]
         if account.scram is not None:
@@ -189,12 +217,12 @@ class UserStore:
         self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         # Made-up SCRAM salts for unknown users must be stable (a second
-        # attempt must see the same salt) but unpredictable.
+        # attempt, a restart or another worker must see the same salt) but
+        # unpredictable: keyed by the file's salt key (``salt_key``).
         self._fake_secret = os.urandom(32)
         # An unknown user still costs one argon2 verification, so that the
-        # reply time does not tell which accounts exist.  Made on first use
-        # (hashing is slow; most commands never need it).
-        self._dummy: str | None = None
+        # reply time does not tell which accounts exist.
+        self._dummy = self._dummy_hash()
         self.reload()
 
     # --- Reading ------------------------------------------------------------
@@ -216,11 +244,12 @@ class UserStore:
         with self._lock:
             stamp = self._stat()
             try:
-                if stamp is None:
-                    accounts: dict[str, Account] = {}
-                else:
-                    with open(self.path, encoding="utf-8") as f:
-                        accounts = parse(f.read())
+                text = ""
+                if stamp is not None:
+                    # utf-8-sig: some editors start the file with a BOM.
+                    with open(self.path, encoding="utf-8-sig") as f:
+                        text = f.read()
+                accounts = parse(text)
             except (OSError, UnicodeDecodeError, UserStoreError) as exc:
                 if self._stamp is None and not self._accounts:
                     raise UserStoreError(f"{self.path}: {exc}") from None
@@ -229,6 +258,8 @@ class UserStore:
                 return False
             changed = accounts != self._accounts
             self._accounts = accounts
+            # No key and no accounts: keep the random one (no one to hide).
+            self._fake_secret = salt_key(text, accounts) or self._fake_secret
             self._domains = frozenset(d for a in accounts.values()
                                       if (d := a.domain) is not None)
             if changed and self._stamp is not None:
@@ -263,7 +294,7 @@ class UserStore:
     def verify_password(self, name: str, password: str) -> str | None:
         """The canonical account name if ``password`` is right, else None."""
         account = self.get(name)
-        stored = account.password_hash if account is not None else self._dummy_hash()
+        stored = account.password_hash if account is not None else self._dummy
         ok: bool
         try:
             ok = self.hasher.verify(stored, password)
@@ -272,9 +303,19 @@ class UserStore:
         return account.name if ok and account is not None else None
 
     def _dummy_hash(self) -> str:
-        if self._dummy is None:
-            self._dummy = self.hasher.hash(base64.b64encode(os.urandom(12)).decode())
-        return self._dummy
+        """An argon2 hash string with this hasher's parameters and random
+        salt and digest: verifying it costs what verifying a real hash costs,
+        and no password matches it.  Written out rather than computed, so
+        that it costs nothing to make (hashing it on first use made the
+        first unknown user twice as slow as a known one)."""
+        h = self.hasher
+
+        def b64(n: int) -> str:  # argon2's encoding: base64 without padding
+            return base64.b64encode(os.urandom(n)).decode("ascii").rstrip("=")
+
+        kind = h.type.name.lower()
+        return (f"$argon2{kind}$v=19$m={h.memory_cost},t={h.time_cost},p={h.parallelism}"
+                f"${b64(h.salt_len)}${b64(h.hash_len)}")
 
     def scram(self, name: str) -> ScramCredentials:
         """Stored SCRAM keys, or made-up ones (unknown user, no SCRAM keys)."""
@@ -304,22 +345,35 @@ class UserStore:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
-                with open(self.path, encoding="utf-8") as f:
-                    accounts = parse(f.read())
+                with open(self.path, encoding="utf-8-sig") as f:
+                    text = f.read()
             except FileNotFoundError:
-                accounts = {}
+                text = ""
+            accounts = parse(text)
+            # Keep the key the server uses now (stored, or derived from the
+            # hashes of a hand-written file); a new file gets a random one.
+            key = salt_key(text, accounts) or os.urandom(32)
             yield accounts
-            atomic_write(self.path, format_accounts(accounts))
+            atomic_write(self.path, format_accounts(accounts, key))
         finally:
             os.close(lock_fd)  # releases the flock
+        # Read back our own write without logging it as a reload (the
+        # ``user`` commands would print that line on every change).
+        self._stamp = None
         self.reload()
 
     def _account(self, name: str, password: str) -> Account:
         if not password:
             raise ValueError("the password must not be empty")
-        return Account(name, self.hasher.hash(password),
-                       scram_credentials(password, iterations=self.scram_iterations,
-                                         username=name))
+        try:
+            scram = scram_credentials(password, iterations=self.scram_iterations,
+                                      username=name)
+        except ValueError as exc:
+            # SASLprep (RFC 4013) refuses control characters and the like;
+            # say where the rule comes from, not just "prohibited character".
+            raise ValueError(f"the password is not allowed by SASLprep (RFC 4013): {exc}"
+                             " (control characters, for example)") from None
+        return Account(name, self.hasher.hash(password), scram)
 
     def add(self, name: str, password: str) -> None:
         check_name(name)
