@@ -379,10 +379,19 @@ def test_stats_command_prints_the_table(server_factory, run_cli) -> None:
     assert rows["EHLO"][1] == "1" and rows["DATA-END"][1] == "1"
 
 
-def test_stats_command_without_a_server_fails_cleanly(run_cli) -> None:
-    res = run_cli("stats", "--url", "http://127.0.0.1:1/metrics")
+def test_stats_command_without_a_server_fails_cleanly(run_cli, smtp_server) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    res = run_cli("stats", "--url", f"http://127.0.0.1:{closed}/metrics")
     assert res.returncode == 1
-    assert "cannot read" in res.stderr
+    assert "cannot read" in res.stderr and "Traceback" not in res.stderr
+    # Something that is not an HTTP server (our own SMTP port) is no crash either.
+    res = run_cli("stats", "--metrics-port", str(smtp_server.port))
+    assert res.returncode == 1
+    assert "cannot read" in res.stderr and "Traceback" not in res.stderr
     assert run_cli("stats").returncode == 2
 
 

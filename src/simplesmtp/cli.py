@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stats_command(args: argparse.Namespace, environ: Any = None) -> int:
     """``simplesmtp stats``: fetch /metrics and print the table."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -121,8 +122,9 @@ def stats_command(args: argparse.Namespace, environ: Any = None) -> int:
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             text = response.read().decode("utf-8")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"simplesmtp: error: cannot read {url}: {exc}", file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        # HTTPException: something answered that is not an HTTP server.
+        print(f"simplesmtp: error: cannot read {url}: {exc!r}", file=sys.stderr)
         return 1
     print(format_stats(text))
     return 0

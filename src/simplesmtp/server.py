@@ -685,6 +685,8 @@ class Session(asyncio.Protocol):
             # (--tls-handshake-timeout) and slow storage is our fault.  The
             # client's clocks restart when we are done.
             self.last_active = self._turn_started = now
+            if self._content_started is not None:
+                self._content_started, self._content_bytes = now, 0
             self._timer = loop.call_later(self.config.timeout, self._check_timeout)
             return
         deadline, phase = self._deadline()

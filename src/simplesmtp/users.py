@@ -25,7 +25,9 @@ Writes are atomic: the new content goes to a temporary file in the same
 directory, is fsync'ed, renamed over the old file, and the directory is
 fsync'ed; a crash leaves either the old or the new file, never half of one.
 Concurrent writers (two ``simplesmtp user`` commands) are serialised by an
-flock on ``<file>.lock``.  The file is created with mode 0600.
+flock on ``<file>.lock``.  The file is created with mode 0600;
+a file that exists keeps its owner, group and mode (minus the bits for
+others).
 
 Readers (the server) call ``maybe_reload`` when they use the store: one
 ``stat`` compares size, mtime and inode with what was loaded, so an edit
@@ -42,12 +44,13 @@ import hashlib
 import hmac
 import logging
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from .sasl import (
@@ -184,10 +187,25 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync dir."""
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync dir.
+
+    A new file gets ``mode``.  A file that exists keeps its owner, group
+    and mode (but never readable by others): an admin may have let the
+    server's group read it, and ``sudo simplesmtp user ...`` must not
+    leave a file the server can no longer read.
+    """
     directory = os.path.dirname(os.path.abspath(path))
+    try:
+        old: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        old = None
     fd, tmp = tempfile.mkstemp(prefix=".users.", suffix=".tmp", dir=directory)
     try:
+        if old is not None:
+            mode = stat.S_IMODE(old.st_mode) & ~0o007
+            if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):  # only root may
+                    os.fchown(fd, old.st_uid, old.st_gid)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
@@ -260,6 +278,8 @@ class UserStore:
             self._accounts = accounts
             # No key and no accounts: keep the random one (no one to hide).
             self._fake_secret = salt_key(text, accounts) or self._fake_secret
+            if changed:
+                self._dummy = self._dummy_hash(accounts)
             self._domains = frozenset(d for a in accounts.values()
                                       if (d := a.domain) is not None)
             if changed and self._stamp is not None:
@@ -302,20 +322,35 @@ class UserStore:
             ok = False
         return account.name if ok and account is not None else None
 
-    def _dummy_hash(self) -> str:
-        """An argon2 hash string with this hasher's parameters and random
-        salt and digest: verifying it costs what verifying a real hash costs,
-        and no password matches it.  Written out rather than computed, so
-        that it costs nothing to make (hashing it on first use made the
-        first unknown user twice as slow as a known one)."""
+    def _dummy_hash(self, accounts: dict[str, Account] | None = None) -> str:
+        """An argon2 hash string with random salt and digest: verifying it
+        costs what verifying a real hash costs, and no password matches it.
+
+        Its parameters are those most stored hashes use (hashes made by
+        another tool or older defaults cost what their parameters say),
+        else this hasher's.  Written out rather than computed, so that it
+        costs nothing to make (hashing it on first use made the first
+        unknown user twice as slow as a known one)."""
         h = self.hasher
+        seen: dict[tuple[str, int, int, int, int, int, int], int] = {}
+        for account in (accounts or {}).values():
+            with contextlib.suppress(InvalidHashError, ValueError):
+                p = extract_parameters(account.password_hash)
+                key = (p.type.name.lower(), p.version, p.salt_len, p.hash_len,
+                       p.memory_cost, p.time_cost, p.parallelism)
+                seen[key] = seen.get(key, 0) + 1
+        if seen:
+            kind, version, salt_len, hash_len, memory, time_cost, parallelism = \
+                max(seen, key=lambda k: seen[k])
+        else:
+            kind, version, salt_len, hash_len = h.type.name.lower(), 19, h.salt_len, h.hash_len
+            memory, time_cost, parallelism = h.memory_cost, h.time_cost, h.parallelism
 
         def b64(n: int) -> str:  # argon2's encoding: base64 without padding
             return base64.b64encode(os.urandom(n)).decode("ascii").rstrip("=")
 
-        kind = h.type.name.lower()
-        return (f"$argon2{kind}$v=19$m={h.memory_cost},t={h.time_cost},p={h.parallelism}"
-                f"${b64(h.salt_len)}${b64(h.hash_len)}")
+        return (f"$argon2{kind}$v={version}$m={memory},t={time_cost},"
+                f"p={parallelism}${b64(salt_len)}${b64(hash_len)}")
 
     def scram(self, name: str) -> ScramCredentials:
         """Stored SCRAM keys, or made-up ones (unknown user, no SCRAM keys)."""
