@@ -2,10 +2,11 @@
 what it guards.
 
 They come from a review that tried to break the accounts code: password
-guessing spread over parallel connections, timing that tells unknown users
-from known ones, users files edited by hand, concurrent ``user`` commands,
-and the doc's own walkthrough.  Servers run on port 0 with short timings;
-every loop is bounded.
+guessing spread over parallel connections, timing and SCRAM salts that
+tell unknown users from known ones, users files edited by hand (BOM, bad
+lines, mode and owner), concurrent ``user`` commands, relay attempts and
+postmaster mail, and the doc's own walkthrough.  Servers run on port 0
+with short timings; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -223,9 +224,13 @@ def test_scram_salt_of_unknown_user_stable_for_hand_written_file(tmp_path: Path)
     kept = [line for line in path.read_text().splitlines() if line.startswith(ALICE)]
     path.write_text("\n".join(kept) + "\n")
     first, second = UserStore(str(path), hasher=FAST), UserStore(str(path), hasher=FAST)
-    assert _scram_salt(first, "nobody@example.com") == \
-        _scram_salt(second, "nobody@example.com")
+    before = _scram_salt(first, "nobody@example.com")
+    assert _scram_salt(second, "nobody@example.com") == before
     assert first.verify_password(ALICE, PASSWORDS[ALICE]) == ALICE
+    # The first "user" command stores the key in use, so nothing changes.
+    second.add("carol@example.com", "Carol-pw-1")
+    assert "# fake-salt-key " in path.read_text()
+    assert _scram_salt(first, "nobody@example.com") == before
 
 
 def test_dummy_hash_follows_the_parameters_of_the_stored_hashes(tmp_path: Path) -> None:
