@@ -16,11 +16,13 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
 from clients import RawSMTP
 from conftest import delivered, split_trace
+from test_tls import Certs, certs, tls_port  # noqa: F401  (certs is a fixture)
 
 from simplesmtp.address import is_domain
 from simplesmtp.trace import trace_headers
@@ -206,3 +208,78 @@ def test_nul_and_invalid_utf8_get_a_5xx_and_the_session_goes_on(
         assert "\x00" not in reply.text and "\x1b" not in reply.text
         assert c.cmd("NOOP").code == 250
         assert c.cmd("QUIT").code == 221
+
+
+# --- Implicit TLS: the connection limits hold before the handshake -----------
+#
+# Found, not fixed (see the review notes): the implicit-TLS listener does
+# the handshake inside the event loop, before a Session exists, so
+# connections that never finish a handshake are counted by no limit
+# (--max-connections, --max-connections-per-ip) for up to
+# --tls-handshake-timeout each.  Moving the handshake into the Session (as
+# for STARTTLS) does not work with uvloop, which starts reading right after
+# connection_made even if the protocol paused reading there, so the
+# ClientHello reaches the Session instead of the TLS layer.  A fix needs an
+# accept loop that admits the socket first and then hands it to
+# loop.connect_accepted_socket(ssl=...), releasing the slot if the
+# handshake fails.  Remove the xfail marker with that fix.
+
+
+def _recv_all(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        for _ in range(100):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="implicit-TLS handshakes bypass the connection limits")
+def test_implicit_tls_handshakes_count_against_connection_limits(
+        server_factory: Any, certs: Certs) -> None:  # noqa: F811
+    running = server_factory(tls_cert=str(certs.cert), tls_key=str(certs.key), tls_port=0,
+                             max_connections_per_ip=3)
+    stalled = [socket.create_connection(("127.0.0.1", tls_port(running)), timeout=5)
+               for _ in range(3)]
+    try:
+        time.sleep(0.2)  # let the server accept them
+        # Three connections from one address use up its slots, handshake
+        # or not: a fourth on the plain port is refused at once.
+        with RawSMTP(running.host, running.port) as c:
+            assert c.greeting is not None and c.greeting.code == 421, c.greeting
+    finally:
+        for s in stalled:
+            s.close()
+
+
+# --- Reply lines fit in 512 octets (RFC 5321 §4.5.3.1.5) -------------------
+#
+# The EHLO/HELO greeting echoed the client's name whole: a name of 505
+# octets (a command line of 512, within the default limit) gave a reply line
+# of 526 octets, longer than any client has to accept.
+
+
+@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+@pytest.mark.parametrize("name", ["a" * 505, "é" * 252, "b" * 400 + "ü" * 50],
+                         ids=["ascii", "utf8", "mixed"])
+def test_helo_greeting_reply_lines_fit_in_512_octets(
+        smtp_server: Any, verb: str, name: str) -> None:
+    line = f"{verb} {name}".encode()
+    assert len(line) + 2 <= 512  # within the default command line limit
+    s = socket.create_connection((smtp_server.host, smtp_server.port), timeout=10)
+    try:
+        s.sendall(line + b"\r\nQUIT\r\n")
+        out = _recv_all(s, 10)
+    finally:
+        s.close()
+    lines = out.split(b"\r\n")
+    assert lines[-1] == b"" and lines[-2].startswith(b"221"), lines[-3:]
+    assert any(x.startswith(b"250") and b" greets " in x for x in lines), lines
+    for reply_line in lines[:-1]:
+        assert len(reply_line) + 2 <= 512, reply_line[:60]
+        reply_line.decode("utf-8")  # never cut inside a character

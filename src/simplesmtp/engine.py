@@ -473,11 +473,13 @@ class SMTPEngine:
         self.helo = arg
         self.esmtp = esmtp
         self._reset_transaction(verb)  # §4.1.4: HELO/EHLO resets like RSET
+        # The echoed name is a courtesy: cut it so that the line fits.
+        greeting = _fit_reply_text(f"{self.config.hostname} greets {arg}")
         if esmtp:
-            lines = (f"{self.config.hostname} greets {arg}",) + self._ehlo_reply
+            lines = (greeting,) + self._ehlo_reply
             self._reply(Reply(250, None, lines), verb)
         else:
-            self._reply(R.reply(250, None, f"{self.config.hostname} greets {arg}"), verb)
+            self._reply(R.reply(250, None, greeting), verb)
 
     def _cmd_mail(self, arg: str, verb: str) -> None:
         if self.helo is None:
@@ -888,6 +890,19 @@ def _b64decode(text: str) -> bytes | None:
 def _challenge(data: bytes) -> Reply:
     # RFC 4954 §4: "334" SP base64; no enhanced status code on a challenge.
     return Reply(334, None, (base64.b64encode(data).decode("ascii"),))
+
+
+# §4.5.3.1.5: a reply line is at most 512 octets, with its code, the
+# separator after it and the CRLF (replies with no enhanced code).
+REPLY_TEXT_MAX: Final = 512 - 4 - 2
+
+
+def _fit_reply_text(text: str) -> str:
+    """``text`` cut to the room of one reply line, never inside a character."""
+    raw = text.encode("utf-8")
+    if len(raw) <= REPLY_TEXT_MAX:
+        return text
+    return raw[:REPLY_TEXT_MAX].decode("utf-8", "ignore")
 
 
 def _octets(digits: str) -> int:
