@@ -30,6 +30,7 @@ from time import perf_counter_ns
 from typing import Any
 
 from . import replies as R
+from .committer import BatchCommitter
 from .config import Config, ConfigError
 from .httpd import MetricsHTTPServer
 from .metrics import DATA_END, UNKNOWN, Metrics, SessionStats, format_report
@@ -412,7 +413,11 @@ class Session(asyncio.Protocol):
                 return
             self._finish_ok(txn)
             return
-        self._run_io(writer.commit, lambda fut: self._committed(fut, txn))
+        # Group commit (committer.py): the 250 waits for a shared flush.
+        self._block()
+        fut = self.server.committer.submit(writer)
+        self.busy = fut
+        fut.add_done_callback(lambda f: self._committed(f, txn))
 
     def _committed(self, fut: asyncio.Future[Any], txn: Transaction) -> None:
         exc = fut.exception()
@@ -803,6 +808,7 @@ class Server:
             config.storage, mail_dir=config.mail_dir, hostname=config.hostname)
         # fsync-bound work: enough threads for the journal to merge commits.
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="storage")
+        self.committer = BatchCommitter(self.storage, self.executor)
         self.sessions: set[Session] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
@@ -950,6 +956,7 @@ class Server:
                 session.force_close()
         # Commits already running finish (their messages are durable; the
         # client may not hear the 250 and will retry, never lose it).
+        await self.committer.drain()
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
         self.auth_executor.shutdown(wait=False, cancel_futures=True)
         for srv in self.servers:

@@ -26,6 +26,7 @@ import hashlib
 import os
 import threading
 import time
+from typing import Callable, Sequence
 
 from ..address import Address
 from . import Envelope
@@ -140,6 +141,55 @@ class MaildirStorage:
     def close(self) -> None:
         pass
 
+    def commit_many(self, writers: Sequence[MaildirWriter]) -> list[BaseException | None]:
+        """Commit a batch of messages with shared fsyncs (group commit).
+
+        Each step runs for the whole batch before the next one starts:
+        write every file, fsync every file, link every file into its
+        ``new/`` directories, fsync each of those directories once.  On a
+        journaling file system the first fsync of a step commits the
+        journal with the work of the whole batch in it, so the others
+        return at once: a batch costs about two disk flushes, not two per
+        message.  The guarantee per message is unchanged (its data and its
+        ``new/`` entries are on disk before it is reported done).
+
+        Returns one entry per writer: None (durable) or the error that
+        failed it (then nothing of it is left in ``new/`` or ``tmp/``).
+        """
+        errors: list[BaseException | None] = [None] * len(writers)
+
+        def step(i: int, action: Callable[[], object]) -> object:
+            try:
+                return action()
+            except Exception as exc:
+                errors[i] = exc
+                writers[i]._fail()
+                return None
+
+        for i, w in enumerate(writers):
+            step(i, w.flush)
+        for i, w in enumerate(writers):
+            if errors[i] is None:
+                step(i, w._sync_file)
+        users: dict[str, list[int]] = {}  # new/ directory -> writers linked there
+        for i, w in enumerate(writers):
+            if errors[i] is None:
+                dirs = step(i, w._link)
+                for d in dirs or ():  # type: ignore[attr-defined]
+                    users.setdefault(d, []).append(i)
+        for d, linked in users.items():
+            try:
+                _fsync_dir(d)
+            except OSError as exc:
+                for i in linked:
+                    if errors[i] is None:
+                        errors[i] = exc
+                        writers[i]._fail()
+        for i, w in enumerate(writers):
+            if errors[i] is None:
+                w._finish()
+        return errors
+
     def clean_tmp(self, max_age: float = 36 * 3600) -> int:
         """Remove files older than ``max_age`` from every ``tmp/``.
 
@@ -174,7 +224,7 @@ class MaildirWriter:
     """One message being received into Maildir."""
 
     __slots__ = ("_storage", "_envelope", "_parts", "_buffered", "_fd", "_tmp",
-                 "_name", "_size", "_boxes")
+                 "_name", "_size", "_boxes", "_linked")
 
     def __init__(self, storage: MaildirStorage, envelope: Envelope) -> None:
         self._storage = storage
@@ -184,6 +234,7 @@ class MaildirWriter:
         self._size = 0
         self._fd: int | None = None
         self._tmp: str | None = None
+        self._linked: list[str] = []  # names made in new/ by a running commit
         self._name = storage.unique_name(envelope.queue_id)
         boxes: list[str] = []
         for rcpt in envelope.recipients:
@@ -224,32 +275,46 @@ class MaildirWriter:
 
     def commit(self) -> None:
         """Make the message durable in every mailbox (worker thread)."""
-        linked: list[str] = []
+        error = self._storage.commit_many([self])[0]
+        if error is not None:
+            raise error
+
+    # The steps of a commit, run by MaildirStorage.commit_many for a batch.
+
+    def _sync_file(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def _link(self) -> list[str]:
+        """Link the file into every ``new/``; return those directories."""
+        assert self._tmp is not None
+        final = f"{self._name},S={self._size}"
+        dirs = []
+        for box in self._boxes:
+            self._storage.ensure_mailbox(box)
+            new_dir = os.path.join(box, "new")
+            os.link(self._tmp, os.path.join(new_dir, final))
+            self._linked.append(os.path.join(new_dir, final))
+            dirs.append(new_dir)
+        return dirs
+
+    def _fail(self) -> None:
+        """Undo everything: no link in any new/, no file in tmp/."""
+        self._storage.forget(self._boxes)
+        for target in self._linked:
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
+        self._linked = []
+        self.abort()
+
+    def _finish(self) -> None:
+        self._linked = []
         try:
-            self.flush()
-            assert self._fd is not None and self._tmp is not None
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            final = f"{self._name},S={self._size}"
-            for box in self._boxes:
-                self._storage.ensure_mailbox(box)
-                target = os.path.join(box, "new", final)
-                os.link(self._tmp, target)
-                linked.append(target)
-            for box in self._boxes:
-                _fsync_dir(os.path.join(box, "new"))
-        except BaseException:
-            self._storage.forget(self._boxes)
-            for target in linked:
-                try:
-                    os.unlink(target)
-                except OSError:
-                    pass
-            self.abort()
-            raise
-        try:
-            os.unlink(self._tmp)
+            os.unlink(self._tmp)  # type: ignore[arg-type]
         except OSError:
             pass  # delivered all the same; clean_tmp removes it later
         self._tmp = None
