@@ -22,7 +22,7 @@ from .storage import MessageWriter, Storage
 
 
 class BatchCommitter:
-    def __init__(self, storage: Storage, executor: Executor, *, max_batches: int = 2,
+    def __init__(self, storage: Storage, executor: Executor, *, max_batches: int = 1,
                  max_batch: int = 256) -> None:
         self._storage = storage
         self._executor = executor
