@@ -25,6 +25,11 @@ fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# Static checks first: lint (ruff, including its ASYNC rules for blocking
+# calls in coroutines) and types (mypy, strict, on the package).
+python3 -m ruff check src tests bench fuzz
+python3 -m mypy
+
 set +e
 python3 -m pytest "$@"
 rc=$?

@@ -15,8 +15,9 @@ merges their flushes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Any, Sequence
+from typing import Any
 
 from .storage import MessageWriter, Storage
 
@@ -77,7 +78,7 @@ class BatchCommitter:
     @staticmethod
     def _settle(batch: list[tuple[MessageWriter, asyncio.Future[None]]],
                 results: Sequence[BaseException | None]) -> None:
-        for (_, fut), error in zip(batch, results):
+        for (_, fut), error in zip(batch, results, strict=True):
             if fut.done():
                 continue
             if error is None:

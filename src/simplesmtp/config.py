@@ -19,8 +19,9 @@ import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 log = logging.getLogger("simplesmtp.config")
 

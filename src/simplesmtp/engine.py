@@ -42,8 +42,9 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Final
+from typing import Final
 
 from . import replies as R
 from . import sasl

@@ -32,12 +32,24 @@ from typing import Any
 from . import replies as R
 from .committer import BatchCommitter
 from .config import Config, ConfigError
+from .engine import (
+    NEED_DATA,
+    AuthCheck,
+    AuthResult,
+    Close,
+    EngineConfig,
+    MessageAbort,
+    MessageBegin,
+    MessageComplete,
+    MessageData,
+    Phase,
+    Send,
+    SMTPEngine,
+    StartTLS,
+    Transaction,
+)
 from .httpd import MetricsHTTPServer
 from .metrics import DATA_END, UNKNOWN, Metrics, SessionStats, format_report
-from .engine import (NEED_DATA, AuthCheck, AuthResult, Close, EngineConfig, MessageAbort,
-                     MessageBegin,
-                     MessageComplete, MessageData, Phase, Send, SMTPEngine, StartTLS,
-                     Transaction)
 from .policy import RecipientPolicy
 from .ratelimit import AuthThrottle
 from .storage import Envelope, MessageWriter, Storage, create_storage, is_storage_full
@@ -156,7 +168,7 @@ class Session(asyncio.Protocol):
         if self.server.stopping:
             self._send_and_close(R.SHUTTING_DOWN, "shutting down")
             return
-        transport.write(self.engine.greeting().data)
+        self.transport.write(self.engine.greeting().data)  # type: ignore[union-attr]
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -942,7 +954,7 @@ class Server:
         if self.sessions:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.config.shutdown_grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for session in list(self.sessions):
             # Spare only a session whose finished message is being

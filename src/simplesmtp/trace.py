@@ -80,4 +80,4 @@ def trace_headers(*, mail_from: Address, recipients: list[Address], helo: str | 
     if len(recipients) == 1:
         received += f"\r\n\tfor {path_text(recipients[0])}"
     received += f";\r\n\t{email.utils.formatdate(now, localtime=True)}\r\n"
-    return f"Return-Path: {path_text(mail_from)}\r\n{received}".encode("utf-8")
+    return f"Return-Path: {path_text(mail_from)}\r\n{received}".encode()

@@ -26,7 +26,7 @@ import hashlib
 import os
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..address import Address
 from . import Envelope
