@@ -12,15 +12,18 @@ was not.  Servers run on port 0; every wait is bounded.
 
 from __future__ import annotations
 
+import logging
 import re
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from typing import Any
 
 import pytest
-from clients import RawSMTP
+from clients import RawSMTP, wait_until
 from conftest import delivered, split_trace
 from test_tls import Certs, certs, tls_port  # noqa: F401  (certs is a fixture)
 
@@ -212,17 +215,11 @@ def test_nul_and_invalid_utf8_get_a_5xx_and_the_session_goes_on(
 
 # --- Implicit TLS: the connection limits hold before the handshake -----------
 #
-# Found, not fixed (see the review notes): the implicit-TLS listener does
-# the handshake inside the event loop, before a Session exists, so
-# connections that never finish a handshake are counted by no limit
-# (--max-connections, --max-connections-per-ip) for up to
-# --tls-handshake-timeout each.  Moving the handshake into the Session (as
-# for STARTTLS) does not work with uvloop, which starts reading right after
-# connection_made even if the protocol paused reading there, so the
-# ClientHello reaches the Session instead of the TLS layer.  A fix needs an
-# accept loop that admits the socket first and then hands it to
-# loop.connect_accepted_socket(ssl=...), releasing the slot if the
-# handshake fails.  Remove the xfail marker with that fix.
+# The implicit-TLS listener did the handshake inside the event loop, before a
+# Session existed, so connections that never finished a handshake were
+# counted by no limit (--max-connections, --max-connections-per-ip) for up to
+# --tls-handshake-timeout each.  The port now has an accept loop of its own
+# that admits each socket first and releases the slot if the handshake fails.
 
 
 def _recv_all(sock: socket.socket, timeout: float) -> bytes:
@@ -239,7 +236,6 @@ def _recv_all(sock: socket.socket, timeout: float) -> bytes:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="implicit-TLS handshakes bypass the connection limits")
 def test_implicit_tls_handshakes_count_against_connection_limits(
         server_factory: Any, certs: Certs) -> None:  # noqa: F811
     running = server_factory(tls_cert=str(certs.cert), tls_key=str(certs.key), tls_port=0,
@@ -283,3 +279,22 @@ def test_helo_greeting_reply_lines_fit_in_512_octets(
     for reply_line in lines[:-1]:
         assert len(reply_line) + 2 <= 512, reply_line[:60]
         reply_line.decode("utf-8")  # never cut inside a character
+
+
+def test_failed_implicit_tls_handshake_gives_its_slot_back_and_is_logged(
+        server_factory: Any, certs: Certs, caplog: Any) -> None:  # noqa: F811
+    running = server_factory(tls_cert=str(certs.cert), tls_key=str(certs.key), tls_port=0,
+                             max_connections_per_ip=2)
+    caplog.set_level(logging.INFO, logger="simplesmtp")
+    for _ in range(4):  # twice the per-address limit, one after the other
+        s = socket.create_connection(("127.0.0.1", tls_port(running)), timeout=5)
+        s.sendall(b"EHLO plaintext.example\r\n")  # not a ClientHello
+        _recv_all(s, 5)  # the server drops it
+        s.close()
+    assert wait_until(lambda: running.server.admitted == 0, 5), running.server.per_ip
+    assert any("event=tls_failed" in r.getMessage() and "mode=implicit" in r.getMessage()
+               for r in caplog.records)
+    # The slots came back: a real TLS client still gets in.
+    ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+    with smtplib.SMTP_SSL("127.0.0.1", tls_port(running), context=ctx, timeout=10) as c:
+        assert c.noop()[0] == 250

@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import signal
+import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -85,7 +86,7 @@ class Session(asyncio.Protocol):
     """One SMTP connection."""
 
     def __init__(self, server: Server, *, implicit_tls: bool = False,
-                 submission: bool = False) -> None:
+                 submission: bool = False, preadmitted: bool = False) -> None:
         self.server = server
         self.config = server.config
         self.submission = submission  # the RFC 6409 listener: MAIL needs AUTH
@@ -122,7 +123,9 @@ class Session(asyncio.Protocol):
         self._turn_started = self.started  # our last reply was written
         self._content_started: float | None = None  # DATA/BDAT phase began
         self._content_bytes = 0  # read since then
-        self.admitted = False  # counted against the connection limits
+        # Counted against the connection limits.  The implicit-TLS accept
+        # loop counts a connection before its handshake (preadmitted).
+        self.admitted = preadmitted
         self._handshaking = False  # a TLS handshake owns the connection
         self._tls_task: asyncio.Task[None] | None = None
         self._tls_early: list[bytes] = []  # decrypted input before the upgrade returned
@@ -150,7 +153,7 @@ class Session(asyncio.Protocol):
         metrics.sessions_open += 1
         metrics.sessions_total += 1
         log.info("event=connect session=%s peer=%s", self.id, self.peer)
-        refusal = self.server.admit(self.peer_ip)
+        refusal = None if self.admitted else self.server.admit(self.peer_ip)
         if refusal is not None:
             log.warning("event=connection_refused session=%s peer=%s reason=%s",
                         self.id, self.peer, _clean(refusal.text))
@@ -816,6 +819,9 @@ class Server:
             self.tls = ContextHolder(Pair(config.tls_cert, config.tls_key,
                                           config.tls_min_version))
         self.tls_addresses: list[tuple[str, int]] = []  # implicit-TLS listener
+        self._tls_socket: socket.socket | None = None
+        self._tls_accept: asyncio.Task[None] | None = None
+        self._tls_handshakes: set[asyncio.Task[None]] = set()  # not yet sessions
         self.storage = storage or create_storage(
             config.storage, mail_dir=config.mail_dir, hostname=config.hostname)
         # fsync-bound work: enough threads for the journal to merge commits.
@@ -848,18 +854,7 @@ class Server:
             server_log.info("event=listening host=%s port=%d hostname=%s storage=%s",
                             host, port, self.config.hostname, self.storage.name)
         if self.tls is not None and self.config.tls_port is not None:
-            # The loop does the handshake before the Session sees a byte.  Its
-            # context hands each handshake to the current pair (SNI hook), so
-            # a reloaded certificate applies to this port too.
-            tsrv = await loop.create_server(
-                lambda: Session(self, implicit_tls=True), self.config.host,
-                self.config.tls_port, reuse_address=True, backlog=1024,
-                reuse_port=reuse_port, ssl=self.tls.listener_context,
-                ssl_handshake_timeout=self.config.tls_handshake_timeout)
-            self.servers.append(tsrv)
-            self.tls_addresses = [s.getsockname()[:2] for s in tsrv.sockets]
-            for host, port in self.tls_addresses:
-                server_log.info("event=listening host=%s port=%d tls=implicit", host, port)
+            self._start_implicit_tls(loop, bool(reuse_port))
         if self.config.submission_port is not None:
             ssrv = await loop.create_server(
                 lambda: Session(self, submission=True), self.config.host,
@@ -915,6 +910,70 @@ class Server:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self.users.reload)
 
+    # --- The implicit-TLS port (RFC 8314) -----------------------------------
+    #
+    # Connections are accepted here rather than by loop.create_server, so
+    # that each one counts against the connection limits (and is refused
+    # over the limit) before its handshake, not after it: otherwise a client
+    # could hold any number of half-made handshakes.  The handshake is then
+    # done by the loop (connect_accepted_socket), before the Session sees a
+    # byte; the context hands each handshake to the current pair (SNI hook),
+    # so a reloaded certificate applies here too.
+
+    def _start_implicit_tls(self, loop: asyncio.AbstractEventLoop, reuse_port: bool) -> None:
+        infos = socket.getaddrinfo(self.config.host, self.config.tls_port,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.create_server(address[:2], family=family, backlog=1024,
+                                    reuse_port=reuse_port)
+        sock.setblocking(False)
+        self._tls_socket = sock
+        self.tls_addresses = [sock.getsockname()[:2]]
+        self._tls_accept = loop.create_task(self._accept_implicit_tls(sock))
+        for host, port in self.tls_addresses:
+            server_log.info("event=listening host=%s port=%d tls=implicit", host, port)
+
+    async def _accept_implicit_tls(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as exc:  # e.g. out of file descriptors: back off
+                server_log.error("event=accept_failed port=tls error=%s", _clean(exc))
+                await asyncio.sleep(0.1)
+                continue
+            ip = str(peer[0])
+            refusal = self.admit(ip)
+            if refusal is not None:
+                # No plaintext reply can reach a client that speaks TLS.
+                log.warning("event=connection_refused peer=%s tls=implicit reason=%s",
+                            ip, _clean(refusal.text))
+                conn.close()
+                continue
+            task = loop.create_task(self._implicit_tls_handshake(conn, ip))
+            self._tls_handshakes.add(task)
+            task.add_done_callback(self._tls_handshakes.discard)
+
+    async def _implicit_tls_handshake(self, conn: socket.socket, ip: str) -> None:
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: Session(self, implicit_tls=True, preadmitted=True), conn,
+                ssl=self.tls.listener_context,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout)
+        except asyncio.CancelledError:
+            self.release(ip)
+            conn.close()
+            raise
+        except Exception as exc:  # TLS, socket and time-out errors alike
+            self.release(ip)
+            conn.close()
+            self.metrics.tls_handshake("failed")
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.info("event=tls_failed peer=%s mode=implicit reason=%s error=%s",
+                     ip, _clean(reason), _clean(exc))
+
     def admit(self, ip: str) -> R.Reply | None:
         """Count a new session against the limits, or return the refusal."""
         config = self.config
@@ -947,6 +1006,12 @@ class Server:
                         self.config.shutdown_grace)
         for srv in self.servers:
             srv.close()
+        if self._tls_accept is not None:
+            self._tls_accept.cancel()
+        if self._tls_socket is not None:
+            self._tls_socket.close()
+        for task in list(self._tls_handshakes):
+            task.cancel()
         if self._slo_timer is not None:
             self._slo_timer.cancel()
         for session in list(self.sessions):

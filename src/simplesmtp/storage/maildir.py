@@ -45,7 +45,9 @@ def encode_name(name: str) -> str:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
     text = "".join(out)
     if not text:
-        return "%00"
+        # An empty name (from ""@domain): a lone "%", which no encoding of
+        # a non-empty name produces ("%" always comes with two hex digits).
+        return "%"
     if text.startswith("."):
         text = "%2E" + text[1:]
     raw = text.encode("utf-8")
