@@ -192,3 +192,11 @@ def test_mailbox_removed_while_running_is_recreated(smtp_server):
     assert all(code in (250, 451) for code in codes)
     assert len(delivered(smtp_server.mail_dir, rcpt)) == 1
     assert Path(smtp_server.mail_dir / "example.com" / "alice" / "cur").is_dir()
+
+
+def test_host_part_of_file_names_has_no_separator_characters(tmp_path):
+    # "/" would make a path, ":" starts the Maildir info, "," the S= field.
+    storage = MaildirStorage(str(tmp_path), hostname="mx,a/b:c.example")
+    name = storage.unique_name("QID")
+    assert not {",", "/", ":"} & set(name), name
+    assert name.endswith(".mx\\054a\\057b\\072c.example")

@@ -108,8 +108,10 @@ class MaildirStorage:
     def __init__(self, root: str, *, hostname: str) -> None:
         self.root = os.path.abspath(root)
         self.default_domain = hostname.lower()
-        # Maildir file names must not contain "/" or ":" (the info separator).
-        self._host = hostname.replace("/", "\\057").replace(":", "\\072")
+        # Maildir file names must not contain "/" or ":" (the info
+        # separator), and "," starts the ",S=" size field readers parse.
+        self._host = (hostname.replace("/", "\\057").replace(":", "\\072")
+                      .replace(",", "\\054"))
         self._pid = os.getpid()
         self._ready: set[str] = set()  # mailboxes known to exist durably
         self._lock = threading.Lock()
