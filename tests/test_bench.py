@@ -55,3 +55,14 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     # The servers' scratch directories are gone.
     assert not list(out.glob("work-*"))
+
+
+def test_tls_cost_benchmark_runs_and_reports_every_kind(tmp_path):
+    out = tmp_path / "tls"
+    proc = subprocess.run([sys.executable, "-m", "bench.tls_cost", "--sessions", "3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=180,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (out / "tls.md").read_text()
+    for kind in ("| plain |", "| STARTTLS |", "| implicit TLS |"):
+        assert kind in report
