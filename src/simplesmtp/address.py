@@ -163,3 +163,17 @@ def parse_params(text: str) -> dict[str, str | None]:
             raise KeyError(key)
         params[key] = m.group("value")
     return params
+
+
+def unquote_local(local: str) -> str:
+    """The local part without quoting: ``"john.doe"`` and ``john.doe`` name
+    the same mailbox (RFC 5321 §4.1.2, quoted-pairSMTP undone)."""
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        inner, out, i = local[1:-1], [], 0
+        while i < len(inner):
+            if inner[i] == "\\" and i + 1 < len(inner):
+                i += 1
+            out.append(inner[i])
+            i += 1
+        return "".join(out)
+    return local

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from . import replies as R
-from .address import Address, AddressError, parse_path
+from .address import Address, AddressError, parse_path, unquote_local
 from .replies import Reply
 
 if TYPE_CHECKING:
@@ -34,21 +34,9 @@ NOT_OWNER: Final = R.reply(553, "5.7.1", "Sender address not owned by the authen
 VRFY_MODES: Final = ("off", "authenticated", "on")
 
 
-def _unquote(local: str) -> str:
-    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
-        inner, out, i = local[1:-1], [], 0
-        while i < len(inner):
-            if inner[i] == "\\" and i + 1 < len(inner):
-                i += 1
-            out.append(inner[i])
-            i += 1
-        return "".join(out)
-    return local
-
-
 def account_key(address: Address) -> str:
     """The lower-cased ``local@domain`` an account name is compared with."""
-    return f"{_unquote(address.local_part)}@{address.domain}".lower()
+    return f"{unquote_local(address.local_part)}@{address.domain}".lower()
 
 
 class RecipientPolicy:
@@ -76,7 +64,7 @@ class RecipientPolicy:
         return bool(self.local_domains)
 
     def is_postmaster(self, address: Address) -> bool:
-        if _unquote(address.local_part).lower() != "postmaster":
+        if unquote_local(address.local_part).lower() != "postmaster":
             return False
         return not address.domain or address.domain.lower() in self.local_domains
 

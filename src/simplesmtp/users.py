@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from .fsutil import fsync_dir as _fsync_dir
 from .sasl import (
     SCRAM_MIN_ITERATIONS,
     CheckPassword,
@@ -176,14 +177,6 @@ def format_accounts(accounts: dict[str, Account], key: bytes | None = None) -> s
             fields.append(_format_scram(account.scram))
         lines.append(":".join(fields))
     return "\n".join(lines) + "\n"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str, data: str, mode: int = 0o600) -> None:

@@ -28,7 +28,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ..address import Address
+from ..address import Address, unquote_local
+from ..fsutil import fsync_dir as _fsync_dir
 from . import Envelope
 
 SPILL_THRESHOLD = 256 * 1024  # bytes buffered in memory before writing out
@@ -57,21 +58,6 @@ def encode_name(name: str) -> str:
     return text
 
 
-def unquote_local(local: str) -> str:
-    """``"john.doe"`` and ``john.doe`` are the same mailbox (RFC 5321 §4.1.2)."""
-    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
-        inner = local[1:-1]
-        out = []
-        i = 0
-        while i < len(inner):
-            if inner[i] == "\\" and i + 1 < len(inner):
-                i += 1
-            out.append(inner[i])
-            i += 1
-        return "".join(out)
-    return local
-
-
 def _load_syncfs() -> Callable[[int | None], None] | None:
     """syncfs(2) from the C library (Linux), or None where there is none."""
     try:
@@ -91,14 +77,6 @@ def _load_syncfs() -> Callable[[int | None], None] | None:
 
 
 _syncfs = _load_syncfs()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MaildirStorage:
