@@ -118,6 +118,14 @@ def stats_command(args: argparse.Namespace, environ: Any = None) -> int:
         if not port:
             print("simplesmtp: error: stats needs --url or --metrics-port", file=sys.stderr)
             return EXIT_CONFIG
+        # Checked as serve checks it: urllib would take 99999 as another port.
+        from .config import BY_NAME
+        try:
+            port = BY_NAME["metrics_port"].parse(port)
+        except ValueError as exc:
+            where = "--metrics-port" if args.metrics_port else "SIMPLESMTP_METRICS_PORT"
+            print(f"simplesmtp: error: {where}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         url = f"http://[{host}]:{port}/metrics" if ":" in host else \
             f"http://{host}:{port}/metrics"
     try:
@@ -127,7 +135,13 @@ def stats_command(args: argparse.Namespace, environ: Any = None) -> int:
         # HTTPException: something answered that is not an HTTP server.
         print(f"simplesmtp: error: cannot read {url}: {exc!r}", file=sys.stderr)
         return 1
-    print(format_stats(text))
+    try:
+        table = format_stats(text)
+    except ValueError as exc:
+        # It answered, but not in the Prometheus text format (a wrong URL).
+        print(f"simplesmtp: error: {url} is not a /metrics page: {exc}", file=sys.stderr)
+        return 1
+    print(table)
     return 0
 
 

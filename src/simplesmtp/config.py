@@ -106,7 +106,9 @@ def _ratio(text: str) -> float:
     except ValueError:
         raise ValueError(f"{text!r} is not a share (like 99% or 0.99)") from None
     if not 0 < value <= 1:
-        raise ValueError(f"{text.strip()} is not between 0 and 100%")
+        # A bare 99 is the classic slip: it means 9900%, not 99%.
+        raise ValueError(f"{text.strip()} is out of range: write a share such as"
+                         " 99% or 0.99 (above 0, at most 100%)")
     return value
 
 
@@ -357,7 +359,11 @@ class Config:
 def read_env_file(path: str) -> dict[str, str]:
     from dotenv import dotenv_values
 
-    values = dotenv_values(path)
+    try:
+        values = dotenv_values(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--env-file: {path} is not UTF-8 text"
+                          f" (byte {exc.start + 1}): {exc.reason}") from None
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -378,6 +384,12 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str],
                 raise ConfigError(f"--env-file: cannot read {env_file}: {exc.strerror}") from None
         elif env_file_required:
             raise ConfigError(f"--env-file: {env_file} does not exist")
+    # A mistyped key would be dropped without a word; other tools' keys
+    # may share the file, so only our own prefix is checked.
+    known = {s.env for s in SETTINGS} | {ENV_PREFIX + "ENV_FILE"}
+    for key in file_values:
+        if key.startswith(ENV_PREFIX) and key not in known:
+            log.warning("event=config_unknown_key file=%s key=%s", env_file, key)
 
     values: dict[str, Any] = {}
     for s in SETTINGS:

@@ -63,6 +63,15 @@ server_log = logging.getLogger("simplesmtp.server")
 
 _session_ids = itertools.count(1)
 
+
+def number_sessions(first: int, step: int) -> None:
+    """Session ids ``first, first + step, ...`` from now on.  With
+    ``--workers N`` all workers log to one stderr, so worker i numbers from
+    i + 1 in steps of N and an id names one session (workers.py)."""
+    global _session_ids
+    _session_ids = itertools.count(first, step)
+
+
 # Replies one session may produce before yielding to the event loop: a
 # pipelined burst (one read is up to 256 KiB, some 40 000 short commands)
 # must not keep every other session waiting for its whole parse.

@@ -10,6 +10,10 @@ import time
 from .address import MAX_DOMAIN, Address, is_domain
 
 _counter = itertools.count()
+# The counter part of queue ids (3 hex digits) this process may use: all of
+# it, or with --workers N one Nth each, so that forked workers, which start
+# with the same counter, never make the same id in the same microsecond.
+_suffix_first, _suffix_span = 0, 0x1000
 # A HELO name fit to stand as it is in the from clause: no space, comment
 # or quoting character, brackets only around an address literal.  (A general
 # address literal, RFC 5321 §4.1.3, may hold parentheses.)
@@ -22,7 +26,15 @@ def new_queue_id() -> str:
     It names the message in the 250 reply, the log, the Received header
     and the Maildir file name, so one grep finds all four.
     """
-    return f"{time.time_ns() // 1000:013X}{next(_counter) & 0xFFF:03X}"
+    suffix = _suffix_first + next(_counter) % _suffix_span
+    return f"{time.time_ns() // 1000:013X}{suffix:03X}"
+
+
+def set_worker(index: int, count: int) -> None:
+    """Give worker ``index`` of ``count`` its own share of queue id suffixes."""
+    global _suffix_first, _suffix_span
+    _suffix_span = 0x1000 // count
+    _suffix_first = index * _suffix_span
 
 
 def _address_literal(ip: str) -> str:

@@ -94,6 +94,11 @@ def run_workers(config: Config, run: Callable[[Config], None]) -> int:
                         signal.signal(sig, handler)
                     for sock in reserved:
                         sock.close()
+                    # One log, one Maildir: ids must not repeat across workers.
+                    from .server import number_sessions
+                    from .trace import set_worker
+                    number_sessions(index + 1, config.workers)
+                    set_worker(index, config.workers)
                     log.info("event=worker_started worker=%d pid=%d", index, os.getpid())
                     run(worker_config)
                     code = 0
