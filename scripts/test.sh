@@ -17,21 +17,35 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 command -v gnutls-cli >/dev/null || need+=(gnutls-bin)
 command -v openssl >/dev/null || need+=(openssl)
+# A system Python that forbids pip installs (PEP 668, Debian 12 and later)
+# gets a virtual environment of the project's own, .venv.
+PY=python3
+if [ -z "${VIRTUAL_ENV:-}" ] && python3 - <<'PYEOF'
+import os, sys, sysconfig
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)
+PYEOF
+then
+  python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+  PY=.venv/bin/python
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+if [ "$PY" != python3 ] && [ ! -x "$PY" ]; then
+  python3 -m venv .venv
+fi
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
 
 # Static checks first: lint (ruff, including its ASYNC rules for blocking
 # calls in coroutines) and types (mypy, strict, on the package).
-python3 -m ruff check src tests bench fuzz
-python3 -m mypy
+"$PY" -m ruff check src tests bench fuzz
+"$PY" -m mypy
 
 set +e
-python3 -m pytest "$@"
+"$PY" -m pytest "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
