@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import base64
 import logging
-import shutil
 import signal
 import smtplib
-import ssl
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from argon2 import PasswordHasher
 from clients import RawSMTP, wait_until
-from conftest import TEST_HOSTNAME, all_delivered, delivered, split_trace
+from conftest import all_delivered, delivered, split_trace
 from engine_helpers import EHLO, Driver, config, crlf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_tls import Certs  # the throwaway CA and server pair of the TLS tests
 
 from simplesmtp import replies as R
 from simplesmtp.engine import AuthCheck, AuthResult, Event, NeedData
@@ -398,25 +396,6 @@ def test_throttle_memory_is_bounded() -> None:
 # --- Real servers ------------------------------------------------------------
 
 
-class Certs:
-    """A throwaway CA and a server pair it issued (trustme)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.ca = trustme.CA()
-        leaf = self.ca.issue_cert("localhost", "127.0.0.1", TEST_HOSTNAME)
-        self.ca_file = directory / "ca.pem"
-        self.cert = directory / "server.crt"
-        self.key = directory / "server.key"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        leaf.cert_chain_pems[0].write_to_path(str(self.cert))
-        for extra in leaf.cert_chain_pems[1:]:
-            extra.write_to_path(str(self.cert), append=True)
-        leaf.private_key_pem.write_to_path(str(self.key))
-
-    def context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(tmp_path_factory.mktemp("auth-certs"))
@@ -480,12 +459,12 @@ def test_smtplib_login_over_starttls_and_implicit_tls(server_factory: Any, users
     with smtplib.SMTP(srv.host, srv.port, timeout=10) as c:
         c.ehlo()
         assert not c.has_extn("auth")  # not before TLS
-        c.starttls(context=certs.context())
+        c.starttls(context=certs.client_context())
         c.ehlo()
         assert smtplib_login(c, mechanism, ALICE, PASSWORDS[ALICE])[0] == 235
         c.sendmail(ALICE, [BOB], MESSAGE)
     tls_port = srv.server.tls_addresses[0][1]
-    with smtplib.SMTP_SSL(srv.host, tls_port, timeout=10, context=certs.context()) as c:
+    with smtplib.SMTP_SSL(srv.host, tls_port, timeout=10, context=certs.client_context()) as c:
         assert smtplib_login(c, mechanism, BOB, PASSWORDS[BOB])[0] == 235
         c.sendmail(BOB, [ALICE], MESSAGE)
     for who in (ALICE, BOB):
@@ -503,18 +482,17 @@ def test_scram_over_starttls_and_implicit_tls(server_factory: Any, users_file: P
         raw.ehlo()
         assert raw.cmd("AUTH SCRAM-SHA-256").code == 538
         assert raw.cmd("STARTTLS").code == 220
-        raw.sock = certs.context().wrap_socket(raw.sock, server_hostname="localhost")
+        raw.sock = certs.client_context().wrap_socket(raw.sock, server_hostname="localhost")
         assert "AUTH SCRAM-SHA-256 PLAIN LOGIN" in raw.ehlo().lines
         assert scram_login(raw, ALICE, PASSWORDS[ALICE]).code == 235
     tls_port = srv.server.tls_addresses[0][1]
     with RawSMTP(srv.host, tls_port, read_greeting=False) as raw:
-        raw.sock = certs.context().wrap_socket(raw.sock, server_hostname="localhost")
+        raw.sock = certs.client_context().wrap_socket(raw.sock, server_hostname="localhost")
         assert raw.reply().code == 220
         raw.ehlo()
         assert scram_login(raw, ALICE, PASSWORDS[ALICE]).code == 235
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_auth_over_starttls(server_factory: Any, users_file: Path, certs: Certs,
                                   mechanism: str) -> None:

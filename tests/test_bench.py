@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(shutil.which("smtp-source") is None,
-                                reason="smtp-source (Debian package postfix) is missing")
 
 
 def test_bench_quick_writes_table_json_and_chart(tmp_path: Path) -> None:

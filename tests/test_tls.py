@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import smtplib
 import socket
@@ -492,7 +491,6 @@ def _whole_session(client: Interactive, eol: str, greeting: bool = True) -> None
     client.expect("221")
 
 
-@pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="gnutls-bin not installed")
 def test_gnutls_cli_implicit_tls_whole_session(tls_server: Any, certs: Certs) -> None:
     client = Interactive(["gnutls-cli", "127.0.0.1", "-p", str(tls_port(tls_server)),
                           "--x509cafile", str(certs.ca_file)])
@@ -506,7 +504,6 @@ def test_gnutls_cli_implicit_tls_whole_session(tls_server: Any, certs: Certs) ->
     assert b"sent by a command-line client" in message
 
 
-@pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="gnutls-bin not installed")
 def test_gnutls_cli_starttls(tls_server: Any, certs: Certs) -> None:
     client = Interactive(["gnutls-cli", "127.0.0.1", "-p", str(tls_server.port),
                           "--x509cafile", str(certs.ca_file), "--starttls-proto=smtp"])
@@ -519,7 +516,6 @@ def test_gnutls_cli_starttls(tls_server: Any, certs: Certs) -> None:
     assert "with ESMTPS" in received_of(message)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_openssl_s_client_starttls_whole_session(tls_server: Any, certs: Certs) -> None:
     client = Interactive(["openssl", "s_client", "-starttls", "smtp",
                           "-connect", f"127.0.0.1:{tls_server.port}",
@@ -534,7 +530,6 @@ def test_openssl_s_client_starttls_whole_session(tls_server: Any, certs: Certs) 
     assert RECEIVED_TLS.search(received_of(message))
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 @pytest.mark.parametrize("mode", ["--tls", "--tlsc"])
 def test_swaks(tls_server: Any, certs: Certs, mode: str) -> None:
     port = tls_server.port if mode == "--tls" else tls_port(tls_server)
