@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import itertools
 import re
 import time
@@ -58,6 +59,7 @@ def path_text(address: Address) -> str:
     return f"<{address}>"
 
 
+@functools.lru_cache(maxsize=1024)
 def _from_clause(helo: str | None, peer_ip: str) -> str:
     """``Extended-Domain`` of RFC 5321 §4.4: the name the client gave, then
     the address we saw in the TCP-info comment.
@@ -80,6 +82,24 @@ def _from_clause(helo: str | None, peer_ip: str) -> str:
     return f"{literal} ({literal} helo={said})"
 
 
+# The date of the Received field changes once a second; formatting it takes
+# longer than the rest of the trace headers, so it is made once per second.
+_date_second = -1
+_date_text = ""
+
+
+def received_date(now: float | None = None) -> str:
+    """RFC 5322 date-time of ``now`` (default: this second) in local time."""
+    global _date_second, _date_text
+    if now is not None:
+        return email.utils.formatdate(now, localtime=True)
+    second = int(time.time())
+    if second != _date_second:
+        _date_text = email.utils.formatdate(second, localtime=True)
+        _date_second = second
+    return _date_text
+
+
 def trace_headers(*, mail_from: Address, recipients: list[Address], helo: str | None,
                   peer_ip: str, hostname: str, protocol: str, queue_id: str,
                   tls_info: str | None = None, now: float | None = None) -> bytes:
@@ -91,5 +111,5 @@ def trace_headers(*, mail_from: Address, recipients: list[Address], helo: str | 
     received += f"\r\n\tid {queue_id}"
     if len(recipients) == 1:
         received += f"\r\n\tfor {path_text(recipients[0])}"
-    received += f";\r\n\t{email.utils.formatdate(now, localtime=True)}\r\n"
+    received += f";\r\n\t{received_date(now)}\r\n"
     return f"Return-Path: {path_text(mail_from)}\r\n{received}".encode()
