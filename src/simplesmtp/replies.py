@@ -21,13 +21,10 @@ class Reply:
     code: int
     enhanced: str | None
     lines: tuple[str, ...]
-    # Encoded forms, computed once: most replies are module constants.
-    _plain: bytes = field(init=False, repr=False, compare=False)
-    _extended: bytes = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_plain", self._encode(False))
-        object.__setattr__(self, "_extended", self._encode(True))
+    # Encoded forms, computed on first use and kept: most replies are module
+    # constants; a reply made for one message is encoded once, in one form.
+    _plain: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _extended: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def _encode(self, with_enhanced: bool) -> bytes:
         prefix = f"{self.enhanced} " if with_enhanced and self.enhanced else ""
@@ -39,7 +36,17 @@ class Reply:
         return "".join(out).encode("utf-8")
 
     def encode(self, with_enhanced: bool) -> bytes:
-        return self._extended if with_enhanced else self._plain
+        if with_enhanced:
+            data = self._extended
+            if data is None:
+                data = self._encode(True)
+                object.__setattr__(self, "_extended", data)
+            return data
+        data = self._plain
+        if data is None:
+            data = self._encode(False)
+            object.__setattr__(self, "_plain", data)
+        return data
 
     @property
     def is_error(self) -> bool:
@@ -50,7 +57,7 @@ class Reply:
         return " ".join(self.lines)
 
     def __str__(self) -> str:
-        return self._extended.decode("utf-8", "replace").rstrip("\r\n")
+        return self.encode(True).decode("utf-8", "replace").rstrip("\r\n")
 
 
 def reply(code: int, enhanced: str | None, *lines: str) -> Reply:

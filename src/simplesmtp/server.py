@@ -672,19 +672,25 @@ class Session(asyncio.Protocol):
 
     def _arm_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.config.timeout, self._check_timeout)
+        self._timer = loop.call_later(self._timer_step, self._check_timeout)
+
+    @property
+    def _timer_step(self) -> float:
+        """The longest the timer may sleep: the shortest silence any phase
+        allows.  Every deadline lies at least this far after the moment its
+        phase began, so a phase change never has to re-arm the timer (which
+        would cost a timer per message on the hot path)."""
+        config = self.config
+        return min(config.timeout, config.data_timeout)
 
     def _track_phase(self) -> None:
         """Start or stop the content clocks as the engine enters or leaves
-        DATA/BDAT; entering re-arms the timer (its deadline may be sooner)."""
+        DATA/BDAT (the timer, due within ``_timer_step``, sees the change)."""
         phase = self.engine.phase
         if phase is Phase.DATA or phase is Phase.BDAT:
-            if self._content_started is None and not self.closing:
+            if self._content_started is None:
                 self._content_started = time.monotonic()
                 self._content_bytes = 0
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._check_timeout()
         elif self._content_started is not None and phase is not Phase.WAIT:
             self._content_started = None
 
@@ -716,7 +722,7 @@ class Session(asyncio.Protocol):
             self.last_active = self._turn_started = now
             if self._content_started is not None:
                 self._content_started, self._content_bytes = now, 0
-            self._timer = loop.call_later(self.config.timeout, self._check_timeout)
+            self._timer = loop.call_later(self._timer_step, self._check_timeout)
             return
         deadline, phase = self._deadline()
         if now >= deadline:
@@ -724,7 +730,8 @@ class Session(asyncio.Protocol):
                      self.peer, phase, now - self.last_active)
             self._close_engine(R.TIMEOUT, "timeout")
             return
-        self._timer = loop.call_later(deadline - now, self._check_timeout)
+        self._timer = loop.call_later(min(deadline - now, self._timer_step),
+                                      self._check_timeout)
 
     def _close_engine(self, reply: R.Reply | None, reason: str) -> None:
         if self._handshaking:
