@@ -120,15 +120,18 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False,
     m = (_PATH_UTF8 if utf8 else _PATH_ASCII).match(text)
     if m is None:
         raise AddressError("not a path")
-    local, domain = m.group("local"), m.group("domain")
-    if domain.startswith("["):
+    local, domain = m.group("local", "domain")
+    if domain[0] == "[":
         _check_literal(domain)
-    if len(local.encode()) > MAX_LOCAL_PART:
+    # The limits are in octets.
+    local_len = len(local) if local.isascii() else len(local.encode())
+    domain_len = len(domain) if domain.isascii() else len(domain.encode())
+    if local_len > MAX_LOCAL_PART:
         raise AddressError("local part too long")
-    if len(domain.encode()) > MAX_DOMAIN:
+    if domain_len > MAX_DOMAIN:
         raise AddressError("domain too long")
-    # "<" local "@" domain ">", in octets (a source route is not counted).
-    if len(local.encode()) + len(domain.encode()) + 3 > MAX_PATH:
+    # "<" local "@" domain ">" (a source route is not counted).
+    if local_len + domain_len + 3 > MAX_PATH:
         raise AddressError("path too long")
     return Address(local, domain), text[m.end():]
 

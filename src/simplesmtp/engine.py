@@ -270,10 +270,21 @@ class SMTPEngine:
         return len(self._in) - self._pos
 
     def next_event(self) -> Event | NeedData:
-        while not self._events:
-            if not self._step():
+        events = self._events
+        while not events:
+            # ``_step``, written out: this runs for every event.
+            # In COMMAND and DATA an empty buffer means more input is needed
+            # (consumed input is always cut off, see _step_command).
+            phase = self.phase
+            if phase is Phase.COMMAND:
+                progressed = bool(self._in) and self._step_command()
+            elif phase is Phase.DATA:
+                progressed = bool(self._in) and self._step_data()
+            else:
+                progressed = self._step()
+            if not progressed:
                 return NEED_DATA
-        return self._events.pop(0)
+        return events.pop(0)
 
     def delivered(self, queue_id: str) -> Send:
         """The message of ``MessageComplete`` is durable under ``queue_id``."""
@@ -337,7 +348,7 @@ class SMTPEngine:
         return Send(reply, verb, reply.encode(self.esmtp))
 
     def _reply(self, reply: Reply, verb: str) -> None:
-        self._events.append(self._send(reply, verb))
+        self._events.append(Send(reply, verb, reply.encode(self.esmtp)))
         if reply.code >= 500:
             self.errors += 1
             if self.errors == self.config.max_errors:
@@ -433,11 +444,13 @@ class SMTPEngine:
             verb_b, arg_b = line, b""
         else:
             verb_b, arg_b = line[:sp], line[sp + 1:]
-        verb = verb_b.upper().decode("ascii", "replace")
-        handler = _HANDLERS.get(verb)
-        if handler is None:
+        # The verb is matched as bytes: ASCII case folding only (str.upper
+        # would make "MAIL" of some non-ASCII spellings).
+        entry = _VERBS.get(verb_b.upper())
+        if entry is None:
             self._reply(R.EMPTY_COMMAND if not line.strip() else R.UNKNOWN_COMMAND, "")
             return
+        verb, handler = entry
         try:
             arg = arg_b.decode("utf-8")
         except UnicodeDecodeError:
@@ -972,3 +985,5 @@ _HANDLERS: Final[dict[str, Callable[[SMTPEngine, str, str], None]]] = {
     "STARTTLS": SMTPEngine._cmd_starttls,
     "AUTH": SMTPEngine._cmd_auth,
 }
+_VERBS: Final = {verb.encode("ascii"): (verb, handler) for verb, handler in _HANDLERS.items()}
+VERBS: Final = frozenset(_HANDLERS)  # the commands the engine knows

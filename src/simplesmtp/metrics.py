@@ -374,38 +374,48 @@ class Metrics:
 
     def record(self, kind: str, code: int, start_ns: int, end_ns: int,
                enhanced: str | None = None) -> int:
-        """One reply handed to the transport; returns its latency in ns.
+        """One reply handed to the transport; returns its latency in ns."""
+        self.record_batch([(kind, code, enhanced, start_ns)], end_ns)
+        return end_ns - start_ns
 
-        Runs for every reply: the histogram update is written out here
-        rather than calling ``KindStats.observe``.
+    def record_batch(self, timed: Iterable[tuple[str, int, str | None, int]], end_ns: int,
+                     session: SessionStats | None = None) -> None:
+        """Replies handed to the transport together at ``end_ns``: each is
+        (kind, code, enhanced code, start_ns).  ``session`` also gets them
+        (``--measure-performance``).
+
+        This runs for every reply, so ``KindStats.observe`` and
+        ``SloWindow.observe`` are written out here rather than called.
         """
-        ns = end_ns - start_ns
-        stats = self.kinds.get(kind)
-        if stats is None:
-            stats = self.kinds[kind] = KindStats()
-        stats.counts[_bisect_left(BUCKETS_NS, ns)] += 1
-        stats.count += 1
-        stats.sum_ns += ns
-        if ns > stats.max_ns:
-            stats.max_ns = ns
-        codes = stats.codes
-        codes[code] = codes.get(code, 0) + 1
-        if kind in NOT_SLO_KINDS:
-            if kind == DATA_END:
-                if code < 400:
-                    self.messages_accepted += 1
-                else:
-                    reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
-                    self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
-        else:
-            # SloWindow.observe, written out (same hot-path reason).
-            slo = self.slo
-            if end_ns >= slo._slot_end:
-                slo._advance(end_ns)
-            slo._cur_commands += 1
-            if ns <= slo.threshold_ns:
-                slo._cur_within += 1
-        return ns
+        kinds = self.kinds
+        slo = self.slo
+        for kind, code, enhanced, start_ns in timed:
+            ns = end_ns - start_ns
+            stats = kinds.get(kind)
+            if stats is None:
+                stats = kinds[kind] = KindStats()
+            stats.counts[_bisect_left(BUCKETS_NS, ns)] += 1
+            stats.count += 1
+            stats.sum_ns += ns
+            if ns > stats.max_ns:
+                stats.max_ns = ns
+            codes = stats.codes
+            codes[code] = codes.get(code, 0) + 1
+            if kind in NOT_SLO_KINDS:
+                if kind == DATA_END:
+                    if code < 400:
+                        self.messages_accepted += 1
+                    else:
+                        reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
+                        self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
+            else:
+                if end_ns >= slo._slot_end:
+                    slo._advance(end_ns)
+                slo._cur_commands += 1
+                if ns <= slo.threshold_ns:
+                    slo._cur_within += 1
+            if session is not None:
+                session.observe(kind, ns)
 
     @property
     def commands(self) -> dict[tuple[str, str], int]:

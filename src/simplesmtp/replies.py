@@ -28,6 +28,8 @@ class Reply:
 
     def _encode(self, with_enhanced: bool) -> bytes:
         prefix = f"{self.enhanced} " if with_enhanced and self.enhanced else ""
+        if len(self.lines) == 1:
+            return f"{self.code} {prefix}{self.lines[0]}\r\n".encode()
         out = []
         last = len(self.lines) - 1
         for i, line in enumerate(self.lines):

@@ -35,6 +35,7 @@ from .committer import BatchCommitter
 from .config import Config, ConfigError
 from .engine import (
     NEED_DATA,
+    VERBS,
     AuthCheck,
     AuthResult,
     Close,
@@ -76,6 +77,10 @@ def number_sessions(first: int, step: int) -> None:
 # pipelined burst (one read is up to 256 KiB, some 40 000 short commands)
 # must not keep every other session waiting for its whole parse.
 _PUMP_BATCH = 256
+
+# Verbs whose reply is timed from the arrival of the command line with no
+# more ado; DATA, BDAT, AUTH and replies to no command go to _reply_kind.
+_TIMED_FROM_LINE = VERBS - {"DATA", "BDAT", "AUTH"}
 
 # Offered in this order; clients pick the first they support.
 AUTH_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
@@ -141,9 +146,9 @@ class Session(asyncio.Protocol):
         self._tls_desc: str | None = None  # protocol and cipher, once encrypted
         self._lost = False  # connection_lost has run
         # Latency measurement (metrics.py): when the current input arrived,
-        # and (kind, reply, start) of each reply in ``_out``.
+        # and (kind, code, enhanced code, start) of each reply in ``_out``.
         self._t_recv = 0
-        self._timed: list[tuple[str, R.Reply, int]] = []
+        self._timed: list[tuple[str, int, str | None, int]] = []  # Metrics.record_batch
         self._content_txn: Transaction | None = None  # content being received
         self._t_content_end = 0  # when the end of content arrived
         self._t_auth: int | None = None  # when the AUTH being checked arrived
@@ -267,32 +272,38 @@ class Session(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Carry out engine events until it needs input or we must wait."""
-        engine = self.engine
+        next_event = self.engine.next_event
         out = self._out
+        timed = self._timed
         budget = _PUMP_BATCH
         try:
             while not self.blocked:
-                event = engine.next_event()
+                event = next_event()
                 if event is NEED_DATA:
                     break
-                if isinstance(event, Send):
+                if type(event) is Send:
+                    out.append(event.data)
+                    reply = event.reply
+                    verb = event.verb
+                    if verb in _TIMED_FROM_LINE:
+                        timed.append((verb, reply.code, reply.enhanced, self._t_recv))
+                        if reply.code < 400:
+                            self.commands += 1
+                        else:
+                            self._account(event)
+                    else:
+                        kind, start = self._reply_kind(event)
+                        timed.append((kind, reply.code, reply.enhanced, start))
+                        self._account(event)
                     budget -= 1
                     if not budget:
                         # A pipelined burst: let other sessions run, then go on.
                         self._block()
                         asyncio.get_running_loop().call_soon(self._unblock)
-                    out.append(event.data)
-                    verb = event.verb
-                    start = self._t_recv
-                    if verb == "DATA" or verb == "BDAT" or verb == "AUTH" or not verb:
-                        verb, start = self._reply_kind(event)
-                    self._timed.append((verb, event.reply, start))
-                    self._account(event)
                 elif isinstance(event, MessageData):
                     self._write_message(event.data)
                 elif isinstance(event, MessageBegin):
                     self._content_txn = event.transaction
-                    timed = self._timed
                     if timed and timed[-1][0] == "DATA":
                         # The 354 goes out before the message is opened: the
                         # client sends content while we build the headers.
@@ -336,9 +347,11 @@ class Session(asyncio.Protocol):
         if out:
             timed = self._timed
             if timed:
-                self._record(timed, perf_counter_ns())
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self.server.metrics.record_batch(timed, perf_counter_ns(), self.perf)
+                timed.clear()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
             self._turn_started = time.monotonic()
 
@@ -360,15 +373,6 @@ class Session(asyncio.Protocol):
             self._content_txn = None
             return DATA_END, self._t_recv
         return verb, self._t_recv  # a BDAT chunk's reply
-
-    def _record(self, timed: list[tuple[str, R.Reply, int]], end: int) -> None:
-        metrics = self.server.metrics
-        perf = self.perf
-        for kind, reply, start in timed:
-            ns = metrics.record(kind, reply.code, start, end, reply.enhanced)
-            if perf is not None:
-                perf.observe(kind, ns)
-        timed.clear()
 
     def _account(self, event: Send) -> None:
         if not event.verb:
@@ -392,7 +396,7 @@ class Session(asyncio.Protocol):
         engine = self.engine
         # Mail for postmaster goes to the configured account (policy.py).
         deliver_to = self.server.policy.delivery_address
-        envelope = Envelope(qid, txn.mail_from, tuple(deliver_to(r) for r in txn.recipients))
+        envelope = Envelope(qid, txn.mail_from, tuple(map(deliver_to, txn.recipients)))
         self.writer = self.server.storage.open(envelope)
         header = trace_headers(
             mail_from=txn.mail_from, recipients=txn.recipients, helo=engine.helo,
@@ -457,9 +461,10 @@ class Session(asyncio.Protocol):
         self.writer = None
         send = self.engine.delivered(qid)
         self.server.messages_accepted += 1
-        log.info("event=accepted session=%s queue_id=%s from=%s rcpts=%d size=%d%s",
-                 self.id, qid, _clean(f"<{txn.mail_from}>"), len(txn.recipients), size,
-                 " bare_eol=normalised" if txn.bare_eol else "")
+        if log.isEnabledFor(logging.INFO):  # the arguments cost more than the call
+            log.info("event=accepted session=%s queue_id=%s from=%s rcpts=%d size=%d%s",
+                     self.id, qid, _clean(f"<{txn.mail_from}>"), len(txn.recipients), size,
+                     " bare_eol=normalised" if txn.bare_eol else "")
         self._write_now(send)
 
     def _finish_failed(self, exc: BaseException) -> None:
@@ -478,7 +483,8 @@ class Session(asyncio.Protocol):
 
     def _write_now(self, send: Send) -> None:
         """Queue a reply produced outside the engine loop (after storage)."""
-        self._timed.append((DATA_END, send.reply, self._t_content_end))
+        reply = send.reply
+        self._timed.append((DATA_END, reply.code, reply.enhanced, self._t_content_end))
         self._account(send)
         self._out.append(send.data)
 
