@@ -137,6 +137,7 @@ class Session(asyncio.Protocol):
         self._turn_started = self.started  # our last reply was written
         self._content_started: float | None = None  # DATA/BDAT phase began
         self._content_bytes = 0  # read since then
+        self._phase_seen = Phase.COMMAND  # engine phase at the last _track_phase
         # Counted against the connection limits.  The implicit-TLS accept
         # loop counts a connection before its handshake (preadmitted).
         self.admitted = preadmitted
@@ -693,6 +694,9 @@ class Session(asyncio.Protocol):
         """Start or stop the content clocks as the engine enters or leaves
         DATA/BDAT (the timer, due within ``_timer_step``, sees the change)."""
         phase = self.engine.phase
+        if phase is self._phase_seen:
+            return
+        self._phase_seen = phase
         if phase is Phase.DATA or phase is Phase.BDAT:
             if self._content_started is None:
                 self._content_started = time.monotonic()
