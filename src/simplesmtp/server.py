@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import logging
 import signal
@@ -220,6 +221,11 @@ class Session(asyncio.Protocol):
         for event in self.engine.connection_lost():
             if isinstance(event, MessageAbort):
                 self._abort_message(event.reason)
+        # The engine holds a bound method of this session: without the cycle,
+        # reference counting frees a session when it ends, and the cyclic
+        # garbage collector (a pause in the middle of some command) runs
+        # far less often.
+        self.engine.auth_gate = None
         self.server.sessions.discard(self)
         if self.admitted:
             self.admitted = False
@@ -1095,6 +1101,11 @@ async def serve(config: Config) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await server.start()
+    # What exists now (modules, the configuration, the server) lives as long
+    # as the process: the cyclic garbage collector need never scan it again,
+    # which keeps its rare full passes short.
+    gc.collect()
+    gc.freeze()
     await stop.wait()
     await server.stop()
 
