@@ -65,7 +65,7 @@ def test_histogram_bucket_edges_are_inclusive() -> None:
     assert k.counts[i] == 1 and k.counts[i + 1] == 1
     k.observe(100 * NS_PER_SECOND)  # past the last bound: +Inf
     assert k.counts[-1] == 1
-    assert k.count == 3 and k.max_ns == 100 * NS_PER_SECOND
+    assert k.count == 3 and k.sum_ns == 200 * US + 1 + 100 * NS_PER_SECOND
 
 
 def test_histogram_quantile_interpolates_within_a_bucket() -> None:
@@ -478,3 +478,17 @@ def test_auth_is_timed_across_the_password_check_and_kept_out_of_the_slo(
     assert auth.sum_ns >= 2 * 50_000_000  # the check's time is in the figure
     assert srv.call(lambda: m.auth_failures) == 1
     assert srv.call(lambda: m.slo.rolling(m.clock())) == (2, 2)  # EHLO and NOOP only
+
+
+def test_bucket_lookup_table_agrees_with_bisection() -> None:
+    # The table lookup must put every latency where bisection over the
+    # inclusive bounds would, at the bounds and beside them.
+    import bisect
+
+    from simplesmtp.metrics import bucket_index
+
+    probes = {0, 1, 999, 1000, 1001, 10**7 - 1, 10**7, 10**7 + 1, 10**12, -5}
+    for bound in BUCKETS_NS:
+        probes.update({bound - 1, bound, bound + 1})
+    for ns in sorted(probes):
+        assert bucket_index(ns) == bisect.bisect_left(BUCKETS_NS, ns), ns

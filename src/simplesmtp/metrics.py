@@ -86,25 +86,38 @@ def _bucket_bounds_ns() -> tuple[int, ...]:
 # so the targets can be read off the histograms exactly.
 BUCKETS_NS: tuple[int, ...] = _bucket_bounds_ns()
 
+# The bucket of a latency under 10 ms by table lookup rather than bisection
+# (it runs for every reply).  Every bound is a whole number of microseconds,
+# so ``ns <= bound`` holds exactly when ``ceil(ns / 1000) <= bound / 1000``:
+# the table maps that ceiling to the first bucket whose bound is not below it.
+_TABLE_US = 10_000
+_BUCKET_OF_US: list[int] = [bisect.bisect_left(BUCKETS_NS, us * 1000) for us in range(_TABLE_US)]
+assert all(b % 1000 == 0 for b in BUCKETS_NS)
+
+
+def bucket_index(ns: int) -> int:
+    """Index in ``KindStats.counts`` of a latency of ``ns`` nanoseconds."""
+    us = (ns + 999) // 1000
+    return _BUCKET_OF_US[us] if 0 <= us < _TABLE_US else _bisect_left(BUCKETS_NS, ns)
+
 
 class KindStats:
     """A cumulative histogram of one kind's latencies (event loop thread only)."""
 
-    __slots__ = ("counts", "count", "sum_ns", "max_ns", "codes")
+    __slots__ = ("counts", "sum_ns", "codes")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS_NS) + 1)  # per bucket, not cumulative
-        self.count = 0
         self.sum_ns = 0
-        self.max_ns = 0
         self.codes: dict[int, int] = {}  # reply code -> count
 
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
     def observe(self, ns: int) -> None:
-        self.counts[bisect.bisect_left(BUCKETS_NS, ns)] += 1
-        self.count += 1
+        self.counts[bucket_index(ns)] += 1
         self.sum_ns += ns
-        if ns > self.max_ns:
-            self.max_ns = ns
 
     def quantile(self, q: float) -> float:
         """Estimated ``q`` quantile in seconds (linear within a bucket)."""
@@ -389,18 +402,21 @@ class Metrics:
         """
         kinds = self.kinds
         slo = self.slo
+        threshold = slo.threshold_ns
+        table = _BUCKET_OF_US
         for kind, code, enhanced, start_ns in timed:
             ns = end_ns - start_ns
             stats = kinds.get(kind)
             if stats is None:
                 stats = kinds[kind] = KindStats()
-            stats.counts[_bisect_left(BUCKETS_NS, ns)] += 1
-            stats.count += 1
+            us = (ns + 999) // 1000  # bucket_index(ns), written out
+            stats.counts[table[us] if 0 <= us < _TABLE_US else _bisect_left(BUCKETS_NS, ns)] += 1
             stats.sum_ns += ns
-            if ns > stats.max_ns:
-                stats.max_ns = ns
             codes = stats.codes
-            codes[code] = codes.get(code, 0) + 1
+            if code in codes:
+                codes[code] += 1
+            else:
+                codes[code] = 1
             if kind in NOT_SLO_KINDS:
                 if kind == DATA_END:
                     if code < 400:
@@ -412,7 +428,7 @@ class Metrics:
                 if end_ns >= slo._slot_end:
                     slo._advance(end_ns)
                 slo._cur_commands += 1
-                if ns <= slo.threshold_ns:
+                if ns <= threshold:
                     slo._cur_within += 1
             if session is not None:
                 session.observe(kind, ns)
