@@ -67,11 +67,15 @@ def _targets(servers: list[dict[str, Any]], cost_ns: float) -> list[dict[str, An
         add("Maildir, 20x1KB: >= 3x aiosmtpd Maildir+fsync",
             ss_md["scenarios"]["20x1KB"]["rate"] / ai_md["scenarios"]["20x1KB"]["rate"],
             3.0, True, "{:.2f}x")
+    ss_w2 = _get(servers, "simplesmtp-null-w2")
     if ss_null and sink:
         for scen, goal in (("20x1KB", 0.5), ("20x100KB", 0.8)):
             if scen in ss_null["scenarios"]:
                 add(f"null store, {scen}: >= {goal} of smtp-sink",
                     ss_null["scenarios"][scen]["vs_sink"], goal, True, "{:.2f}")
+            if ss_w2 and scen in ss_w2["scenarios"]:
+                add(f"null store with --workers 2, {scen}: >= {goal} of smtp-sink",
+                    ss_w2["scenarios"][scen]["vs_sink"], goal, True, "{:.2f}")
     if ss_null:
         cpus = [sc["cpu_us_per_msg"] for n, sc in ss_null["scenarios"].items()
                 if n.endswith("x1KB")]
