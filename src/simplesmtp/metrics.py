@@ -104,12 +104,19 @@ def bucket_index(ns: int) -> int:
 class KindStats:
     """A cumulative histogram of one kind's latencies (event loop thread only)."""
 
-    __slots__ = ("counts", "sum_ns", "codes")
+    __slots__ = ("counts", "sum_ns", "by_code")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS_NS) + 1)  # per bucket, not cumulative
         self.sum_ns = 0
-        self.codes: dict[int, int] = {}  # reply code -> count
+        # Replies by code, indexed by the code (a list: cheaper than a dict
+        # to count into, and reply codes are three digits).
+        self.by_code = [0] * 1000
+
+    @property
+    def codes(self) -> dict[int, int]:
+        """Reply code -> count, for the codes seen."""
+        return {code: n for code, n in enumerate(self.by_code) if n}
 
     @property
     def count(self) -> int:
@@ -401,9 +408,9 @@ class Metrics:
         ``SloWindow.observe`` are written out here rather than called.
         """
         kinds = self.kinds
-        slo = self.slo
-        threshold = slo.threshold_ns
         table = _BUCKET_OF_US
+        threshold = self.slo.threshold_ns
+        commands = within = 0
         for kind, code, enhanced, start_ns in timed:
             ns = end_ns - start_ns
             stats = kinds.get(kind)
@@ -412,11 +419,7 @@ class Metrics:
             us = (ns + 999) // 1000  # bucket_index(ns), written out
             stats.counts[table[us] if 0 <= us < _TABLE_US else _bisect_left(BUCKETS_NS, ns)] += 1
             stats.sum_ns += ns
-            codes = stats.codes
-            if code in codes:
-                codes[code] += 1
-            else:
-                codes[code] = 1
+            stats.by_code[code] += 1
             if kind in NOT_SLO_KINDS:
                 if kind == DATA_END:
                     if code < 400:
@@ -425,13 +428,18 @@ class Metrics:
                         reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
                         self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
             else:
-                if end_ns >= slo._slot_end:
-                    slo._advance(end_ns)
-                slo._cur_commands += 1
+                commands += 1
                 if ns <= threshold:
-                    slo._cur_within += 1
+                    within += 1
             if session is not None:
                 session.observe(kind, ns)
+        if commands:
+            # SloWindow.observe for the whole batch (one timestamp).
+            slo = self.slo
+            if end_ns >= slo._slot_end:
+                slo._advance(end_ns)
+            slo._cur_commands += commands
+            slo._cur_within += within
 
     @property
     def commands(self) -> dict[tuple[str, str], int]:

@@ -104,6 +104,7 @@ class Session(asyncio.Protocol):
                  submission: bool = False, preadmitted: bool = False) -> None:
         self.server = server
         self.config = server.config
+        self.metrics = server.metrics
         self.submission = submission  # the RFC 6409 listener: MAIL needs AUTH
         self.engine = SMTPEngine(
             server.submission_engine_config if submission else server.engine_config,
@@ -192,7 +193,7 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._t_recv = perf_counter_ns()
-        self.server.metrics.bytes_received += len(data)
+        self.metrics.bytes_received += len(data)
         self.last_active = time.monotonic()
         if self._handshaking:
             # Decrypted bytes the TLS layer delivers before start_tls has
@@ -354,7 +355,7 @@ class Session(asyncio.Protocol):
         if out:
             timed = self._timed
             if timed:
-                self.server.metrics.record_batch(timed, perf_counter_ns(), self.perf)
+                self.metrics.record_batch(timed, perf_counter_ns(), self.perf)
                 timed.clear()
             transport = self.transport
             if transport is not None and not transport.is_closing():
@@ -492,7 +493,10 @@ class Session(asyncio.Protocol):
         """Queue a reply produced outside the engine loop (after storage)."""
         reply = send.reply
         self._timed.append((DATA_END, reply.code, reply.enhanced, self._t_content_end))
-        self._account(send)
+        if reply.code < 400:
+            self.commands += 1
+        else:
+            self._account(send)
         self._out.append(send.data)
 
     def _abort_message(self, reason: str) -> None:
