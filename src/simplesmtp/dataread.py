@@ -9,9 +9,12 @@ content, never a second message.  The message's first line counts as if a
 CRLF came before it, so ``.<CRLF>`` right after the 354 reply is an empty
 message.
 
-Input is searched with ``bytes.find`` and transformed with ``bytes.replace``
-over whole chunks: Python code runs per chunk, not per line, which keeps
-large messages cheap.
+Input is searched with compiled regular expressions and ``bytes.rfind``, and
+transformed with ``bytes.replace``, over whole chunks: Python code runs per
+chunk, not per line, which keeps large messages cheap.  Per chunk there is
+one search for lines that start with a period (the end mark or a stuffed
+dot), one each for a bare CR and a bare LF, and one copy; the rewriting
+passes run only when the searches found something to rewrite.
 
 Each chunk handed on is cut right after a LF (or, for a line longer than the
 buffer, after a byte that is neither CR nor LF, or between two CRs), so no
