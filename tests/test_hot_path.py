@@ -128,3 +128,47 @@ def test_shorter_data_timeout_still_applies_after_a_long_command_phase(server_fa
         elapsed = time.monotonic() - start
     assert reply.code == 421
     assert 0.4 <= elapsed < 1.2, elapsed
+
+
+def _second_content_phase_gets_its_own_clock(srv: Any, first: bytes, pipelined: bytes,
+                                             replies: int) -> float:
+    """Start a content phase, spend most of its time limit, then end it and
+    start the next in one write; return how long the second phase lasts
+    before the server's 421."""
+    with RawSMTP(srv.host, srv.port) as c:
+        c.ehlo()
+        c.envelope(SENDER, ALICE)
+        c.send(first)
+        if first.startswith(b"DATA"):
+            assert c.reply().code == 354
+        time.sleep(0.9)  # of a 1 s data timeout
+        c.send(pipelined)
+        codes = [c.reply().code for _ in range(replies)]
+        assert codes[0] == 250 and codes[-1] in (250, 354), codes
+        start = time.monotonic()
+        reply = c.reply()
+        elapsed = time.monotonic() - start
+    assert reply.code == 421
+    return elapsed
+
+
+def test_pipelined_second_data_gets_the_whole_data_timeout(server_factory):
+    # Found in review: the second message inherited the first one's content
+    # clock (the phase went DATA, WAIT, DATA without a COMMAND in between)
+    # and was cut after about 0.1 s.
+    srv = server_factory(timeout=3, data_timeout=1)
+    elapsed = _second_content_phase_gets_its_own_clock(
+        srv, b"DATA\r\n",
+        b"hi\r\n.\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n",
+        4)
+    assert 0.8 <= elapsed < 2.5, elapsed
+
+
+def test_pipelined_second_bdat_gets_the_whole_data_timeout(server_factory):
+    srv = server_factory(timeout=3, data_timeout=1)
+    elapsed = _second_content_phase_gets_its_own_clock(
+        srv, b"BDAT 10 LAST\r\n",
+        b"0123456789MAIL FROM:<a@client.example>\r\nRCPT TO:<alice@example.com>\r\n"
+        b"BDAT 10 LAST\r\n",
+        3)
+    assert 0.8 <= elapsed < 2.5, elapsed

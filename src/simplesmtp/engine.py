@@ -232,6 +232,10 @@ class SMTPEngine:
         self.transaction: Transaction | None = None
         self.phase = Phase.COMMAND
         self.messages = 0  # transactions delivered in this session
+        # Times the phase became DATA or BDAT (one per DATA, one per BDAT
+        # chunk): a transport that looks at ``phase`` only now and then can
+        # tell a new content phase from the one it saw last.
+        self.content_phases = 0
         self._in = b""  # unparsed input
         self._events: list[Event] = []
         self._discarding_line = False  # skipping the rest of a too-long line
@@ -617,6 +621,7 @@ class SMTPEngine:
         self._events.append(MessageBegin(txn))
         self._data = DataDecoder()
         self.phase = Phase.DATA
+        self.content_phases += 1
 
     def _cmd_bdat(self, arg: str, verb: str) -> None:
         words = arg.split()
@@ -638,6 +643,7 @@ class SMTPEngine:
         self._bdat_last = last
         self._bdat_verb_reply = refusal
         self.phase = Phase.BDAT
+        self.content_phases += 1
         if refusal is not None or txn is None:
             self._bdat_discard = True
             return

@@ -140,6 +140,7 @@ class Session(asyncio.Protocol):
         self._content_started: float | None = None  # DATA/BDAT phase began
         self._content_bytes = 0  # read since then
         self._phase_seen = Phase.COMMAND  # engine phase at the last _track_phase
+        self._content_phases_seen = 0  # and its count of content phases
         # Counted against the connection limits.  The implicit-TLS accept
         # loop counts a connection before its handshake (preadmitted).
         self.admitted = preadmitted
@@ -702,13 +703,21 @@ class Session(asyncio.Protocol):
 
     def _track_phase(self) -> None:
         """Start or stop the content clocks as the engine enters or leaves
-        DATA/BDAT (the timer, due within ``_timer_step``, sees the change)."""
-        phase = self.engine.phase
-        if phase is self._phase_seen:
+        DATA/BDAT (the timer, due within ``_timer_step``, sees the change).
+
+        Each DATA and each BDAT chunk gets clocks of its own, also when a
+        pipelining client's input ends one and starts the next within a
+        single read (the phase then never shows COMMAND in between)."""
+        engine = self.engine
+        phase = engine.phase
+        starts = engine.content_phases
+        if phase is self._phase_seen and starts == self._content_phases_seen:
             return
         self._phase_seen = phase
+        new_content = starts != self._content_phases_seen
+        self._content_phases_seen = starts
         if phase is Phase.DATA or phase is Phase.BDAT:
-            if self._content_started is None:
+            if self._content_started is None or new_content:
                 self._content_started = time.monotonic()
                 self._content_bytes = 0
         elif self._content_started is not None and phase is not Phase.WAIT:
