@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,20 @@ def _targets(servers: list[dict[str, Any]], cost_ns: float) -> list[dict[str, An
     return out
 
 
+def _latency_table(title: str, servers: list[dict[str, Any]], key: str,
+                   order: Sequence[str]) -> list[str]:
+    """A "p50 / p99" table of ``server[key]``, one column per kind that any
+    server has, in ``order``."""
+    kinds = [k for k in order if any(k in s[key] for s in servers)]
+    lines = ["", f"## {title}", "", "| server | " + " | ".join(kinds) + " |",
+             "| --- | " + " | ".join("---:" for _ in kinds) + " |"]
+    for s in servers:
+        cells = [f"{s[key][k]['p50_us']:.0f} / {s[key][k]['p99_us']:.0f}"
+                 if k in s[key] else "" for k in kinds]
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(summary: dict[str, Any]) -> str:
     servers = summary["servers"]
     scen_names = [n for n in ("1x1KB", "20x1KB", "1x100KB", "20x100KB")
@@ -131,26 +146,14 @@ def write_markdown(summary: dict[str, Any]) -> str:
         cells = [f"{s['scenarios'][n]['cpu_us_per_msg']:.0f}" if n in s["scenarios"] else ""
                  for n in scen_names]
         lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
-    kinds = [k for k in COMMANDS if any(k in s["probe"] for s in servers)]
-    lines += ["", "## Round-trip latency seen by the probe: p50 / p99 (microseconds)", "",
-              "| server | " + " | ".join(kinds) + " |",
-              "| --- | " + " | ".join("---:" for _ in kinds) + " |"]
-    for s in servers:
-        cells = [f"{s['probe'][k]['p50_us']:.0f} / {s['probe'][k]['p99_us']:.0f}"
-                 if k in s["probe"] else "" for k in kinds]
-        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    lines += _latency_table("Round-trip latency seen by the probe: p50 / p99 (microseconds)",
+                            servers, "probe", COMMANDS)
     inside = [s for s in servers if s["inside"]]
     if inside:
-        ik = [k for k in ("EHLO", "MAIL", "RCPT", "DATA", "DATA-END", "NOOP", "RSET", "QUIT")
-              if any(k in s["inside"] for s in inside)]
-        lines += ["", "## simplesmtp inside-server latency during the probe: p50 / p99"
-                  " (microseconds, from /metrics histograms)", "",
-                  "| server | " + " | ".join(ik) + " |",
-                  "| --- | " + " | ".join("---:" for _ in ik) + " |"]
-        for s in inside:
-            cells = [f"{s['inside'][k]['p50_us']:.0f} / {s['inside'][k]['p99_us']:.0f}"
-                     if k in s["inside"] else "" for k in ik]
-            lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+        lines += _latency_table("simplesmtp inside-server latency during the probe: p50 / p99"
+                                " (microseconds, from /metrics histograms)", inside, "inside",
+                                ("EHLO", "MAIL", "RCPT", "DATA", "DATA-END", "NOOP", "RSET",
+                                 "QUIT"))
     one, two = _get(servers, "simplesmtp-null"), _get(servers, "simplesmtp-null-w2")
     if one and two:
         parts = [f"{n} {two['scenarios'][n]['rate'] / one['scenarios'][n]['rate']:.2f}x"

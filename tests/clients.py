@@ -221,3 +221,14 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def send_numbered(host: str, port: int, i: int) -> int:
+    """Session ``i`` of a parallel batch: one message to one of three
+    recipients (by ``i``), then QUIT; returns the code of the end of data."""
+    with RawSMTP(host, port) as c:
+        c.ehlo()
+        c.envelope("a@example.org", f"rcpt{i % 3}@example.net")
+        code = c.data(f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()).code
+        c.cmd("QUIT")
+        return code

@@ -12,20 +12,10 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from clients import RawSMTP
+from clients import send_numbered
 
 from simplesmtp import trace
 from simplesmtp.config import ConfigError, load
-
-
-def _send_one(host: str, port: int, i: int) -> int:
-    with RawSMTP(host, port) as c:
-        c.ehlo()
-        c.envelope("a@example.org", f"rcpt{i % 3}@example.net")
-        code = c.data(f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()).code
-        c.cmd("QUIT")
-        return code
-
 
 # --- simplesmtp stats -------------------------------------------------------
 
@@ -109,7 +99,7 @@ def test_workers_number_sessions_apart_in_the_shared_log(spawn_server) -> None:
             for i in (0, 1)}
     assert len(pids) == 2
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda i: _send_one(proc.host, proc.port, i), range(30)))
+        codes = list(pool.map(lambda i: send_numbered(proc.host, proc.port, i), range(30)))
     assert codes == [250] * 30
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0

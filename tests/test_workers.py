@@ -6,17 +6,8 @@ import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from clients import RawSMTP
+from clients import send_numbered
 from conftest import all_delivered
-
-
-def _send_one(host: str, port: int, i: int) -> int:
-    with RawSMTP(host, port) as c:
-        c.ehlo()
-        c.envelope("a@example.org", f"rcpt{i % 3}@example.net")
-        code = c.data(f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()).code
-        c.cmd("QUIT")
-        return code
 
 
 def test_two_workers_share_the_port_and_stop_together(spawn_server, tmp_path) -> None:
@@ -31,7 +22,7 @@ def test_two_workers_share_the_port_and_stop_together(spawn_server, tmp_path) ->
     assert len({re.search(r"port=(\d+)", line).group(1) for line in listening}) == 1
 
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda i: _send_one(proc.host, proc.port, i), range(40)))
+        codes = list(pool.map(lambda i: send_numbered(proc.host, proc.port, i), range(40)))
     assert codes == [250] * 40
     files = all_delivered(tmp_path / "mail")
     assert len(files) == 40

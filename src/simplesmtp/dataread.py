@@ -95,7 +95,7 @@ class DataDecoder:
             # Content up to and including the CRLF that precedes the dot.
             out = self._take(end + 2)
             self._buf = bytearray()
-            return self._decode(out)
+            return self._normalise_eol(out)
         # No end yet.  An end mark not yet complete starts at len-4 or later;
         # the next search starts two bytes before the cut, so a cut at
         # len-2 or earlier cannot hide one.
@@ -117,7 +117,7 @@ class DataDecoder:
         out = self._take(cut)
         del buf[: cut - 2]
         self._scanned = 0
-        return self._decode(out)
+        return self._normalise_eol(out)
 
     def _take(self, cut: int) -> bytes:
         """The content before ``cut``, without the two bytes of context and
@@ -131,7 +131,7 @@ class DataDecoder:
             self._dots = False
             return bytes(view[:cut]).replace(b"\r\n.", b"\r\n")[2:]
 
-    def _decode(self, out: bytes) -> list[bytes]:
+    def _normalise_eol(self, out: bytes) -> list[bytes]:
         if _BARE_CR.search(out) or _BARE_LF.search(out):
             self.bare_eol = True
             # A chunk ends in a CR only when another CR follows it (so it is

@@ -167,7 +167,7 @@ class Session(asyncio.Protocol):
             self.peer_ip, port = str(peer[0]), peer[1]
             self.peer = f"[{self.peer_ip}]:{port}" if ":" in self.peer_ip else f"{self.peer_ip}:{port}"
         self.server.sessions.add(self)
-        metrics = self.server.metrics
+        metrics = self.metrics
         metrics.sessions_open += 1
         metrics.sessions_total += 1
         log.info("event=connect session=%s peer=%s", self.id, self.peer)
@@ -232,7 +232,7 @@ class Session(asyncio.Protocol):
         if self.admitted:
             self.admitted = False
             self.server.release(self.peer_ip)
-        self.server.metrics.sessions_open -= 1
+        self.metrics.sessions_open -= 1
         if self.perf:
             # Microseconds per kind: count, mean, p50, p99, max.
             log.info("event=session_latency session=%s unit=us %s", self.id,
@@ -591,7 +591,7 @@ class Session(asyncio.Protocol):
                      self.id, self.peer, event.mechanism)
             return
         delay = throttle.failure(self.peer_ip)
-        self.server.metrics.auth_failure()
+        self.metrics.auth_failure()
         log.warning("event=auth_failed session=%s peer=%s mechanism=%s user=%s delay=%.2f"
                     " locked=%s", self.id, self.peer, event.mechanism, user, delay,
                     "yes" if throttle.locked_for(self.peer_ip) > 0 else "no")
@@ -663,7 +663,7 @@ class Session(asyncio.Protocol):
         assert self.transport is not None
         ssl_object = self.transport.get_extra_info("ssl_object")
         self._tls_desc = describe(ssl_object)
-        self.server.metrics.tls_handshake("ok")
+        self.metrics.tls_handshake("ok")
         cipher = ssl_object.cipher() if ssl_object is not None else None
         log.info("event=tls session=%s mode=%s version=%s cipher=%s", self.id, mode,
                  ssl_object.version() if ssl_object is not None else "?",
@@ -676,7 +676,7 @@ class Session(asyncio.Protocol):
         Failed handshakes on the implicit-TLS port never reach a Session:
         the listener drops them before ``connection_made``."""
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        self.server.metrics.tls_handshake("failed")
+        self.metrics.tls_handshake("failed")
         log.info("event=tls_failed session=%s peer=%s mode=starttls reason=%s error=%s",
                  self.id, self.peer, _clean(reason), _clean(exc))
         self.closing = True
