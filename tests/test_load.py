@@ -129,7 +129,7 @@ def test_1000_concurrent_sessions(spawn_server, tmp_path, tmp_path_factory):
 
 HOSTILE_ROUNDS = 5
 HOSTILE_SESSIONS = 250
-HOSTILE_GROWTH_LIMIT_MB = 8  # last round over the others (the first warms up)
+HOSTILE_GROWTH_LIMIT_MB = 8  # last two rounds over the 2nd and 3rd (the first warms up)
 
 
 async def _hostile(port: int, n: int) -> None:
@@ -175,10 +175,11 @@ def test_hostile_sessions_do_not_leak_memory(spawn_server):
         after.append(_status_kb(proc.proc.pid, "VmRSS"))
     assert proc.proc.poll() is None
     # A session's buffers are up to a few hundred KiB here: a leak of them
-    # grows tens of MB per round, so the last round ends well above every
-    # round before it.  (Not above the second alone: the allocator gives
-    # memory back to the system in some rounds and not others, so any one
-    # earlier round may read low.)
-    growth = (after[-1] - max(after[1:-1])) / 1024
+    # grows tens of MB per round, so the last two rounds end far above the
+    # second and third.  Single rounds are noisy (the allocator keeps or
+    # gives back a peak's worth of memory, over 10 MB, in some rounds and
+    # not others): rounds are compared in pairs, which halves such a spike
+    # and still shows any leak of a few MB per round.
+    growth = ((after[-1] + after[-2]) - (after[1] + after[2])) / 2 / 1024
     assert growth < HOSTILE_GROWTH_LIMIT_MB, [a // 1024 for a in after]
     assert after[-1] < PEAK_LIMIT_MB * 1024, [a // 1024 for a in after]
