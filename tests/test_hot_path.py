@@ -54,12 +54,13 @@ class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written: list[bytes] = []
+        self.closing = False
 
     def write(self, data: Any) -> None:
         self.written.append(bytes(data))
 
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
     def close(self) -> None:
         pass
@@ -69,6 +70,76 @@ class _Transport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+
+def _null_config(tmp_path: Any) -> Config:
+    return Config().replace(storage="null", mail_dir=str(tmp_path / "mail"),
+                            hostname="mx.example")
+
+
+def test_replies_of_one_loop_pass_are_written_together_after_it(tmp_path):
+    # Input of many sessions is parsed in one pass of the loop, and their
+    # replies are written after it (Server.flush_later): written between
+    # the sessions, each reply would wake a busy client on its own.
+    async def run() -> None:
+        server = Server(_null_config(tmp_path))
+        sessions = [Session(server) for _ in range(3)]
+        transports = [_Transport() for _ in sessions]
+        for session, transport in zip(sessions, transports, strict=True):
+            session.connection_made(transport)
+            session.data_received(b"EHLO client.example\r\n")
+        await asyncio.sleep(0)
+        for transport in transports:
+            transport.written.clear()
+        for session in sessions:
+            session.data_received(b"NOOP\r\n")
+        assert [t.written for t in transports] == [[], [], []]
+        assert "NOOP" not in server.metrics.kinds  # not timed before it is written
+        await asyncio.sleep(0)
+        for transport in transports:
+            assert transport.written == [b"250 2.0.0 Ok\r\n"]
+        assert server.metrics.kinds["NOOP"].count == 3
+        for session in sessions:
+            session.connection_lost(None)
+
+    asyncio.run(run())
+
+
+def test_a_queued_reply_goes_out_before_the_client_half_closes(tmp_path):
+    # ``printf 'EHLO a\r\nNOOP\r\n' | nc -N``: the end of input may come
+    # in the same pass as the last command; its reply must not be lost
+    # when the transport closes after eof_received.
+    async def run() -> list[bytes]:
+        session = Session(Server(_null_config(tmp_path)))
+        transport = _Transport()
+        session.connection_made(transport)
+        session.data_received(b"EHLO client.example\r\nNOOP\r\n")
+        assert session.eof_received() is None  # close our side too
+        written = list(transport.written)
+        session.connection_lost(None)
+        return written
+
+    written = asyncio.run(run())
+    assert written[-1].endswith(b"250 2.0.0 Ok\r\n")
+
+
+def test_a_reply_queued_for_a_peer_that_is_gone_is_neither_written_nor_timed(tmp_path):
+    async def run() -> tuple[list[bytes], Any]:
+        server = Server(_null_config(tmp_path))
+        session = Session(server)
+        transport = _Transport()
+        session.connection_made(transport)
+        session.data_received(b"EHLO client.example\r\n")
+        await asyncio.sleep(0)
+        session.data_received(b"NOOP\r\n")
+        transport.closing = True  # reset by the peer before the loop's turn
+        session.connection_lost(ConnectionResetError())
+        await asyncio.sleep(0)
+        return transport.written, server.metrics.kinds
+
+    written, kinds = asyncio.run(run())
+    assert not any(b"Ok\r\n" in w for w in written)
+    assert "EHLO" in kinds and "NOOP" not in kinds
 
 
 def test_messages_make_no_cyclic_garbage_and_arm_no_timers(tmp_path):
@@ -81,6 +152,7 @@ def test_messages_make_no_cyclic_garbage_and_arm_no_timers(tmp_path):
         transport = _Transport()
         session.connection_made(transport)
         session.data_received(b"EHLO client.example\r\n")
+        await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         timers = []
         real_call_later = loop.call_later
@@ -98,6 +170,7 @@ def test_messages_make_no_cyclic_garbage_and_arm_no_timers(tmp_path):
                              b"RCPT TO:<alice@example.com>\r\n", b"DATA\r\n",
                              MESSAGE + b".\r\n"):
                     session.data_received(line)
+                    await asyncio.sleep(0)  # the replies are written
             garbage = gc.collect()
         finally:
             gc.enable()
@@ -106,7 +179,8 @@ def test_messages_make_no_cyclic_garbage_and_arm_no_timers(tmp_path):
         return garbage, len(timers), transport.written
 
     garbage, timers, written = asyncio.run(run())
-    assert sum(w.startswith(b"250 2.0.0 Ok: queued as") for w in written) == 50
+    assert b"".join(written).count(b"250 2.0.0 Ok: queued as") == 50
+    assert len(written) == 1 + 1 + 50 * 4  # greeting, EHLO, then 4 per message
     assert garbage == 0
     # The session's timer never sleeps past the shortest timeout, so
     # entering and leaving DATA need not re-arm it.
