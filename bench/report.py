@@ -166,7 +166,8 @@ def write_markdown(summary: dict[str, Any]) -> str:
         for t in summary["targets"]:
             lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
     lines += ["", f"One latency observation costs {summary['measurement_cost_ns']:.0f} ns"
-              " (two clock reads and Metrics.record_batch, measured in process).", ""]
+              " (noting the reply and Metrics.record_batch, measured in process; the two"
+              " clock reads per command also drive the session's timeouts).", ""]
     return "\n".join(lines)
 
 

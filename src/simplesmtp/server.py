@@ -52,7 +52,7 @@ from .engine import (
     Transaction,
 )
 from .httpd import MetricsHTTPServer
-from .metrics import DATA_END, UNKNOWN, Metrics, SessionStats, format_report
+from .metrics import DATA_END, NS_PER_SECOND, UNKNOWN, Metrics, SessionStats, format_report
 from .policy import RecipientPolicy
 from .ratelimit import AuthThrottle
 from .storage import Envelope, MessageWriter, Storage, create_storage, is_storage_full
@@ -119,7 +119,6 @@ class Session(asyncio.Protocol):
         self.peer_ip = "?"
         self.peer = "?"
         self.started = time.monotonic()
-        self.last_active = self.started
         self.writer: MessageWriter | None = None
         self.queue_id: str | None = None
         self.write_error: BaseException | None = None
@@ -136,9 +135,11 @@ class Session(asyncio.Protocol):
         # Timeouts (docs/security.md).  A command line must be complete
         # ``timeout`` after our last reply, however it trickles in; message
         # content must keep arriving (``data_timeout``) at an average of
-        # ``min_data_rate`` bytes per second from its start.
-        self._turn_started = self.started  # our last reply was written
-        self._content_started: float | None = None  # DATA/BDAT phase began
+        # ``min_data_rate`` bytes per second from its start.  These clocks
+        # are perf_counter_ns readings, the same ones that time the replies
+        # (one clock read per read and one per write serves both).
+        self._active_ns = self._turn_ns = perf_counter_ns()  # last input; last reply written
+        self._content_ns: int | None = None  # DATA/BDAT phase began
         self._content_bytes = 0  # read since then
         self._phase_seen = Phase.COMMAND  # engine phase at the last _track_phase
         self._content_phases_seen = 0  # and its count of content phases
@@ -194,15 +195,14 @@ class Session(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        self._t_recv = perf_counter_ns()
+        self._t_recv = self._active_ns = perf_counter_ns()
         self.metrics.bytes_received += len(data)
-        self.last_active = time.monotonic()
         if self._handshaking:
             # Decrypted bytes the TLS layer delivers before start_tls has
             # returned to us: the client's first command after the upgrade.
             self._tls_early.append(data)
             return
-        if self._content_started is not None:
+        if self._content_ns is not None:
             self._content_bytes += len(data)
         self.engine.receive(data)
         if not self.blocked:
@@ -364,14 +364,14 @@ class Session(asyncio.Protocol):
         if out:
             timed = self._timed
             transport = self.transport
+            self._turn_ns = now = perf_counter_ns()
             if transport is not None and not transport.is_closing():
                 if timed:
-                    self.metrics.record_batch(timed, perf_counter_ns(), self.perf)
+                    self.metrics.record_batch(timed, now, self.perf)
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
             # else the peer is gone: nothing is handed over, nothing timed.
             timed.clear()
             out.clear()
-            self._turn_started = time.monotonic()
 
     def _reply_kind(self, event: Send) -> tuple[str, int]:
         """Latency kind and start of a DATA/BDAT/AUTH reply or one without a verb."""
@@ -661,7 +661,7 @@ class Session(asyncio.Protocol):
         self._read_paused = False  # the new transport starts reading
         self._tls_up("starttls")
         # The client's turn starts now, not when it sent STARTTLS.
-        self.last_active = self._turn_started = time.monotonic()
+        self._active_ns = self._turn_ns = perf_counter_ns()
         early = b"".join(self._tls_early)
         self._tls_early.clear()
         self.engine.tls_started()  # RFC 3207 §4.2: back to the start
@@ -726,23 +726,24 @@ class Session(asyncio.Protocol):
         new_content = starts != self._content_phases_seen
         self._content_phases_seen = starts
         if phase is Phase.DATA or phase is Phase.BDAT:
-            if self._content_started is None or new_content:
-                self._content_started = time.monotonic()
+            if self._content_ns is None or new_content:
+                self._content_ns = self._t_recv  # the read that began it
                 self._content_bytes = 0
-        elif self._content_started is not None and phase is not Phase.WAIT:
-            self._content_started = None
+        elif self._content_ns is not None and phase is not Phase.WAIT:
+            self._content_ns = None
 
-    def _deadline(self) -> tuple[float, str]:
-        """When the client's time runs out, and in which phase."""
+    def _deadline(self) -> tuple[int, str]:
+        """When the client's time runs out (perf_counter_ns), and in which phase."""
         config = self.config
-        started = self._content_started
+        started = self._content_ns
         if started is None:
-            return self._turn_started + config.timeout, "command"
+            return self._turn_ns + round(config.timeout * NS_PER_SECOND), "command"
         # --timeout bounds silence everywhere; --data-timeout may be shorter.
-        silence = min(config.timeout, config.data_timeout)
-        deadline = self.last_active + silence
+        silence = round(min(config.timeout, config.data_timeout) * NS_PER_SECOND)
+        deadline = self._active_ns + silence
         if config.min_data_rate:
-            by_rate = started + silence + self._content_bytes / config.min_data_rate
+            by_rate = started + silence + round(
+                self._content_bytes / config.min_data_rate * NS_PER_SECOND)
             deadline = min(deadline, by_rate)
         return deadline, "data"
 
@@ -751,24 +752,24 @@ class Session(asyncio.Protocol):
         if self.closing:
             return
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now = perf_counter_ns()
         if self._handshaking or (self.blocked and self.busy is not None
                                  and not self.busy.done()):
             # Not the client's turn: the TLS handshake has its own limit
             # (--tls-handshake-timeout) and slow storage is our fault.  The
             # client's clocks restart when we are done.
-            self.last_active = self._turn_started = now
-            if self._content_started is not None:
-                self._content_started, self._content_bytes = now, 0
+            self._active_ns = self._turn_ns = now
+            if self._content_ns is not None:
+                self._content_ns, self._content_bytes = now, 0
             self._timer = loop.call_later(self._timer_step, self._check_timeout)
             return
         deadline, phase = self._deadline()
         if now >= deadline:
             log.info("event=timeout session=%s peer=%s phase=%s idle=%.1f", self.id,
-                     self.peer, phase, now - self.last_active)
+                     self.peer, phase, (now - self._active_ns) / NS_PER_SECOND)
             self._close_engine(R.TIMEOUT, "timeout")
             return
-        self._timer = loop.call_later(min(deadline - now, self._timer_step),
+        self._timer = loop.call_later(min((deadline - now) / NS_PER_SECOND, self._timer_step),
                                       self._check_timeout)
 
     def _close_engine(self, reply: R.Reply | None, reason: str) -> None:
