@@ -178,6 +178,27 @@ def test_missed_window_logs_one_warning(caplog: pytest.LogCaptureFixture) -> Non
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
+def test_replies_count_in_the_slo_window_of_the_moment_they_were_written() -> None:
+    # Metrics feeds the window from its histograms when a slot ends, not per
+    # reply; each reply must still land in the minute it was written in.
+    now = [0]
+    m = Metrics(slo_threshold=0.001, slo_target=0.99, clock=lambda: now[0])
+    m.record("MAIL", 250, MINUTE - 2 * MS, MINUTE - 1 * MS)  # 1 ms: within
+    m.record("RCPT", 250, MINUTE - 5 * MS, MINUTE - 1)  # 5 ms: over
+    m.record("RCPT", 250, MINUTE, MINUTE + 10 * US)  # next minute: closes the first
+    last = m.slo.last
+    assert last is not None and (last.commands, last.within) == (2, 1)
+    assert m.slo.rolling(MINUTE + 1) == (3, 2)
+    m.record(DATA_END, 250, MINUTE, MINUTE + 50 * MS)  # not a command
+    m.record("NOOP", 250, 2 * MINUTE, 2 * MINUTE + 2 * MS)  # closes the second
+    last = m.slo.last
+    assert last is not None and (last.commands, last.within) == (1, 1)
+    now[0] = 3 * MINUTE
+    assert m.tick() is not None  # the third minute's NOOP, over the threshold
+    last = m.slo.last
+    assert last is not None and (last.commands, last.within) == (1, 0)
+
+
 def test_record_counts_messages_and_keeps_data_end_out_of_the_slo() -> None:
     m = Metrics(clock=lambda: 0)
     m.record(DATA_END, 250, 0, 50 * MS)  # a slow fsync is not a slow command

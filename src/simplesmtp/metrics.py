@@ -20,6 +20,10 @@ write) and a latency in nanoseconds.  Observations go to three places:
   (default 99 %), one warning line is logged with the figures.  The clock is
   the caller's: observations carry their own timestamp, and ``tick(now)``
   closes windows when no traffic arrives, so tests drive time by hand.
+  ``Metrics`` does not feed it reply by reply: each histogram also counts
+  its latencies over the threshold, and when a one-second slot ends (or
+  before anyone reads the window) the commands and over-threshold counts
+  recorded since the last feed go into the slot they were written in.
 * ``SessionStats`` (only with ``--measure-performance``): exact per-session
   samples for the report logged at disconnect: count, mean, p50, p99 and
   max per kind.  Percentiles use the nearest-rank method on the samples.
@@ -105,11 +109,12 @@ def bucket_index(ns: int) -> int:
 class KindStats:
     """A cumulative histogram of one kind's latencies (event loop thread only)."""
 
-    __slots__ = ("counts", "sum_ns", "by_code")
+    __slots__ = ("counts", "sum_ns", "by_code", "over")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS_NS) + 1)  # per bucket, not cumulative
         self.sum_ns = 0
+        self.over = 0  # latencies above the SLO threshold (Metrics.record_batch)
         # Replies by code, indexed by the code (a list: cheaper than a dict
         # to count into, and reply codes are three digits).
         self.by_code = [0] * 1000
@@ -384,8 +389,43 @@ class Metrics:
         self.messages_rejected: dict[str, int] = {}
         self.tls_handshakes: dict[str, int] = {}  # result -> count
         self.auth_failures = 0
-        self.slo = SloWindow(slo_threshold, slo_target,
-                             on_verdict=lambda v: log_verdict(v, self.slo.threshold_ns))
+        self._slo = SloWindow(slo_threshold, slo_target,
+                              on_verdict=lambda v: log_verdict(v, self._slo.threshold_ns))
+        # The SLO window is fed from the histograms (commands, and those
+        # over the threshold), not per reply: ``_feed_slo`` hands it what
+        # was recorded since the last feed, before its slot changes and
+        # before anyone reads it.
+        self._slo_threshold_ns = self._slo.threshold_ns
+        self._slot_end = 0  # the window's current one-second slot ends here
+        self._slo_fed = (0, 0)  # commands and over-threshold counts fed so far
+
+    @property
+    def slo(self) -> SloWindow:
+        """The SLO window, up to date with every reply recorded."""
+        self._feed_slo()
+        return self._slo
+
+    def _feed_slo(self) -> None:
+        commands = over = 0
+        for kind, stats in self.kinds.items():
+            if kind not in NOT_SLO_KINDS:
+                commands += stats.count
+                over += stats.over
+        fed_commands, fed_over = self._slo_fed
+        if commands != fed_commands:
+            slo = self._slo
+            new = commands - fed_commands
+            slo._cur_commands += new
+            slo._cur_within += new - (over - fed_over)
+            self._slo_fed = (commands, over)
+
+    def _next_slot(self, now_ns: int) -> None:
+        """The window's slot is over: what was recorded in it goes in first."""
+        self._feed_slo()
+        slo = self._slo
+        if now_ns >= slo._slot_end:
+            slo._advance(now_ns)
+        self._slot_end = slo._slot_end
 
     def kind(self, name: str) -> KindStats:
         stats = self.kinds.get(name)
@@ -405,42 +445,34 @@ class Metrics:
         (kind, code, enhanced code, start_ns).  ``session`` also gets them
         (``--measure-performance``).
 
-        This runs for every reply, so ``KindStats.observe`` and
-        ``SloWindow.observe`` are written out here rather than called.
+        This runs for every reply, so ``KindStats.observe`` is written out
+        here rather than called, and the SLO window is fed from the
+        histograms once per second (``_feed_slo``), not per reply.
         """
+        if end_ns >= self._slot_end:
+            self._next_slot(end_ns)
         kinds = self.kinds
-        table = _BUCKET_OF_US
-        threshold = self.slo.threshold_ns
-        commands = within = 0
+        threshold = self._slo_threshold_ns
         for kind, code, enhanced, start_ns in timed:
             ns = end_ns - start_ns
             stats = kinds.get(kind)
             if stats is None:
                 stats = kinds[kind] = KindStats()
             us = (ns + 999) // 1000  # bucket_index(ns), written out
-            stats.counts[table[us] if 0 <= us < _TABLE_US else _bisect_left(BUCKETS_NS, ns)] += 1
+            stats.counts[_BUCKET_OF_US[us] if 0 <= us < _TABLE_US
+                         else _bisect_left(BUCKETS_NS, ns)] += 1
             stats.sum_ns += ns
             stats.by_code[code] += 1
-            if kind in NOT_SLO_KINDS:
-                if kind == DATA_END:
-                    if code < 400:
-                        self.messages_accepted += 1
-                    else:
-                        reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
-                        self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
-            else:
-                commands += 1
-                if ns <= threshold:
-                    within += 1
+            if ns > threshold:
+                stats.over += 1
+            if kind == DATA_END:
+                if code < 400:
+                    self.messages_accepted += 1
+                else:
+                    reason = _REJECT_REASONS.get(enhanced or "", f"code_{code}")
+                    self.messages_rejected[reason] = self.messages_rejected.get(reason, 0) + 1
             if session is not None:
                 session.observe(kind, ns)
-        if commands:
-            # SloWindow.observe for the whole batch (one timestamp).
-            slo = self.slo
-            if end_ns >= slo._slot_end:
-                slo._advance(end_ns)
-            slo._cur_commands += commands
-            slo._cur_within += within
 
     @property
     def commands(self) -> dict[tuple[str, str], int]:
@@ -455,7 +487,10 @@ class Metrics:
 
     def tick(self) -> Verdict | None:
         """Close the SLO window if its minute is over (called periodically)."""
-        return self.slo.tick(self.clock())
+        now = self.clock()
+        verdict = self.slo.tick(now)  # fed first (the property)
+        self._slot_end = self._slo._slot_end
+        return verdict
 
     def tls_handshake(self, result: str) -> None:
         """Count a TLS handshake: ``ok`` or a short failure reason."""
