@@ -105,6 +105,41 @@ def test_replies_of_one_loop_pass_are_written_together_after_it(tmp_path):
     asyncio.run(run())
 
 
+def test_a_write_that_fails_ends_its_session_and_spares_the_others(tmp_path, caplog):
+    # The replies are written outside the engine loop's error handling: a
+    # failure there (our bug) must not leave the other sessions' replies
+    # unwritten until their clients time out.
+    class Failing(_Transport):
+        aborted = False
+
+        def write(self, data: Any) -> None:
+            raise RuntimeError("broken transport")
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    async def run() -> tuple[list[_Transport], Failing]:
+        server = Server(_null_config(tmp_path))
+        sessions = [Session(server) for _ in range(3)]
+        transports = [_Transport(), _Transport(), _Transport()]
+        for session, transport in zip(sessions, transports, strict=True):
+            session.connection_made(transport)
+        failing = Failing()
+        sessions[0].transport = failing  # after its greeting
+        for session in sessions:
+            session.data_received(b"EHLO client.example\r\n")
+        await asyncio.sleep(0)
+        for session in sessions:
+            session.connection_lost(None)
+        return transports, failing
+
+    transports, failing = asyncio.run(run())
+    assert failing.aborted
+    for transport in transports[1:]:
+        assert transport.written[-1].startswith(b"250-mx.example")
+    assert "event=internal_error" in caplog.text and "stage=write" in caplog.text
+
+
 def test_a_queued_reply_goes_out_before_the_client_half_closes(tmp_path):
     # ``printf 'EHLO a\r\nNOOP\r\n' | nc -N``: the end of input may come
     # in the same pass as the last command; its reply must not be lost

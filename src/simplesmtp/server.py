@@ -812,6 +812,14 @@ class Session(asyncio.Protocol):
         if self.engine.transaction is None and not self.blocked:
             self._send_and_close(R.SHUTTING_DOWN, "shutting down")
 
+    def abort(self) -> None:
+        """Drop the connection without a reply (nothing can be written)."""
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
     def force_close(self) -> None:
         if not self.closing:
             self._send_and_close(R.SHUTTING_DOWN, "shutting down")
@@ -948,7 +956,14 @@ class Server:
         queue, self._to_flush = self._to_flush, []
         for session in queue:
             if session._flush_queued:
-                session._flush_out()
+                try:
+                    session._flush_out()
+                except Exception:
+                    # Our bug, not the peer's: that session ends, and the
+                    # other sessions' replies still go out.
+                    log.exception("event=internal_error session=%s peer=%s stage=write",
+                                  session.id, session.peer)
+                    session.abort()
 
     # A closed SLO window is judged within this many seconds of its end even
     # when no command arrives to close it.
