@@ -440,6 +440,23 @@ def test_smtplib_login_insecure_allowed(server_factory: Any, users_file: Path,
     assert " with ESMTPA " in trace["received"]
 
 
+def test_the_failed_auth_delay_does_not_count_against_the_clients_timeout(
+        server_factory: Any, users_file: Path) -> None:
+    # The 535 waits out the server's own delay; a --timeout shorter than
+    # that delay must not turn the wait into a 421 for the client.
+    srv = start(server_factory, users_file, allow_insecure_auth=True, timeout=0.6,
+                auth_failure_delay=1.2, auth_failure_delay_max=1.2)
+    with RawSMTP(srv.host, srv.port) as raw:
+        raw.ehlo()
+        token = b64(f"\0{ALICE}\0{WRONG}")
+        started = time.monotonic()
+        r = raw.cmd(f"AUTH PLAIN {token}")
+        assert r.code == 535, r
+        assert time.monotonic() - started >= 1.1
+        r = raw.cmd("NOOP")
+        assert r.code == 250, (r, time.monotonic() - started)
+
+
 def test_scram_login_insecure_allowed(server_factory: Any, users_file: Path) -> None:
     srv = start(server_factory, users_file, allow_insecure_auth=True)
     with RawSMTP(srv.host, srv.port) as raw:

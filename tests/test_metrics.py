@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import re
+import socket
+import struct
 import urllib.error
 import urllib.request
 
 import pytest
 from clients import RawSMTP
+from conftest import delivered
 
 from simplesmtp.config import ConfigError, load
 from simplesmtp.metrics import (
@@ -299,6 +302,31 @@ def _one_session(host: str, port: int, *, big: bytes | None = None) -> None:
             c.envelope("a@example.org", "b@example.net")
             assert c.data(big).code == 552
         assert c.cmd("QUIT").code == 221
+
+
+ALICE = "alice@example.com"
+
+
+def test_a_message_stored_after_the_client_reset_is_counted(server_factory) -> None:
+    # The client resets the connection right after the end-of-data mark:
+    # the message is stored (group commit, in a thread) and its 250 finds
+    # the peer gone.  The counters must still agree with the Maildir.
+    srv = server_factory()
+    for _ in range(3):
+        c = RawSMTP(srv.host, srv.port)
+        assert c.cmd("EHLO client.example").code == 250
+        assert c.cmd("MAIL FROM:<a@b.example>").code == 250
+        assert c.cmd(f"RCPT TO:<{ALICE}>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: reset\r\n\r\nhi\r\n.\r\n")
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.sock.close()
+    assert srv.wait_idle()
+    stored = len(delivered(srv.mail_dir, ALICE))
+    assert stored >= 1
+    m = srv.server.metrics
+    assert srv.call(lambda: m.messages_accepted) == stored
+    assert srv.call(lambda: m.kinds[DATA_END].codes) == {250: stored}
 
 
 def test_metrics_endpoint_moves_after_a_session(server_factory) -> None:

@@ -210,8 +210,9 @@ class Session(asyncio.Protocol):
         self._track_phase()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after QUIT still reads the 221: write
-        # what is queued before the transport closes.
+        # A client that half-closes after its last command still reads the
+        # replies: write what is queued before the transport closes.  (Over
+        # TLS this is never called for a bare FIN; see README Limitations.)
         self._flush_out()
         return None  # close our side too
 
@@ -363,14 +364,16 @@ class Session(asyncio.Protocol):
         out = self._out
         if out:
             timed = self._timed
-            transport = self.transport
             self._turn_ns = now = perf_counter_ns()
+            if timed:
+                # Recorded also when the peer is gone: the command was
+                # handled, and the end of data counts the message's outcome
+                # (a message stored just before a reset is still accepted).
+                self.metrics.record_batch(timed, now, self.perf)
+                timed.clear()
+            transport = self.transport
             if transport is not None and not transport.is_closing():
-                if timed:
-                    self.metrics.record_batch(timed, now, self.perf)
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
-            # else the peer is gone: nothing is handed over, nothing timed.
-            timed.clear()
             out.clear()
 
     def _reply_kind(self, event: Send) -> tuple[str, int]:
@@ -753,11 +756,13 @@ class Session(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         now = perf_counter_ns()
-        if self._handshaking or (self.blocked and self.busy is not None
-                                 and not self.busy.done()):
+        if self._handshaking or self._auth_delay is not None or self._flush_queued or (
+                self.blocked and self.busy is not None and not self.busy.done()):
             # Not the client's turn: the TLS handshake has its own limit
-            # (--tls-handshake-timeout) and slow storage is our fault.  The
-            # client's clocks restart when we are done.
+            # (--tls-handshake-timeout), the failed-AUTH delay is ours, so
+            # are replies waiting for the end of the loop's pass, and slow
+            # storage is our fault.  The client's clocks restart when we
+            # are done.
             self._active_ns = self._turn_ns = now
             if self._content_ns is not None:
                 self._content_ns, self._content_bytes = now, 0
