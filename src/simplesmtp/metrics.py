@@ -395,8 +395,6 @@ class Metrics:
         # over the threshold), not per reply: ``_feed_slo`` hands it what
         # was recorded since the last feed, before its slot changes and
         # before anyone reads it.
-        self._slo_threshold_ns = self._slo.threshold_ns
-        self._slot_end = 0  # the window's current one-second slot ends here
         self._slo_fed = (0, 0)  # commands and over-threshold counts fed so far
 
     @property
@@ -422,10 +420,7 @@ class Metrics:
     def _next_slot(self, now_ns: int) -> None:
         """The window's slot is over: what was recorded in it goes in first."""
         self._feed_slo()
-        slo = self._slo
-        if now_ns >= slo._slot_end:
-            slo._advance(now_ns)
-        self._slot_end = slo._slot_end
+        self._slo._advance(now_ns)
 
     def kind(self, name: str) -> KindStats:
         stats = self.kinds.get(name)
@@ -449,10 +444,11 @@ class Metrics:
         here rather than called, and the SLO window is fed from the
         histograms once per second (``_feed_slo``), not per reply.
         """
-        if end_ns >= self._slot_end:
+        slo = self._slo
+        if end_ns >= slo._slot_end:
             self._next_slot(end_ns)
         kinds = self.kinds
-        threshold = self._slo_threshold_ns
+        threshold = slo.threshold_ns
         for kind, code, enhanced, start_ns in timed:
             ns = end_ns - start_ns
             stats = kinds.get(kind)
@@ -487,10 +483,7 @@ class Metrics:
 
     def tick(self) -> Verdict | None:
         """Close the SLO window if its minute is over (called periodically)."""
-        now = self.clock()
-        verdict = self.slo.tick(now)  # fed first (the property)
-        self._slot_end = self._slo._slot_end
-        return verdict
+        return self.slo.tick(self.clock())  # the property feeds it first
 
     def tls_handshake(self, result: str) -> None:
         """Count a TLS handshake: ``ok`` or a short failure reason."""

@@ -691,11 +691,7 @@ class Session(asyncio.Protocol):
         self.metrics.tls_handshake("failed")
         log.info("event=tls_failed session=%s peer=%s mode=starttls reason=%s error=%s",
                  self.id, self.peer, _clean(reason), _clean(exc))
-        self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+        self.abort()
         # start_tls gave the socket to the TLS layer, so asyncio will not call
         # our connection_lost: end the session here (it runs once).
         self.connection_lost(None)
@@ -822,7 +818,7 @@ class Session(asyncio.Protocol):
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
     def force_close(self) -> None:
